@@ -1,0 +1,93 @@
+"""Controls over a sparsified model: alpha, and straight-through gradients for adaptive attacks."""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import threading
+from typing import Iterator, Mapping, Union
+
+import torch
+from torch import nn
+
+from fxsparse.errors import CalibrationError, SelectionError
+from fxsparse.ops import MeanSparse, meansparse_ops
+
+
+def _check_alpha(value, where: str) -> float:
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        raise SelectionError(f"alpha for {where} must be a number, got {value!r}") from None
+    if not math.isfinite(a) or a < 0:
+        raise SelectionError(f"alpha for {where} must be finite and >= 0, got {a}")
+    return a
+
+
+def _resolve(ops: Mapping[str, MeanSparse], key: str):
+    """Sites named by `key`: a site name, an operator's module name, or a glob over site names."""
+    if key in ops:
+        return [ops[key]]
+    stripped = key[: -len("_meansparse")] if key.endswith("_meansparse") else key
+    if stripped in ops:
+        return [ops[stripped]]
+    if any(c in key for c in "*?["):
+        hits = [op for name, op in ops.items() if fnmatch.fnmatchcase(name, key)]
+        if hits:
+            return hits
+    close = [n for n in ops if key.split(".")[0] in n][:5]
+    raise SelectionError(f"no site named {key!r}" + (f"; similar: {close}" if close else "")
+                         + "; fxsparse.audit(gm) lists the site names")
+
+
+def set_alpha(model: nn.Module, alpha: Union[float, Mapping[str, float]]) -> nn.Module:
+    """Set alpha for every site (a float) or per site ({site name or glob: float}, later keys win).
+
+    Alpha is a buffer changed in place, so a compiled model picks it up without recompiling.
+    """
+    ops = meansparse_ops(model)
+    if not ops:
+        raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")
+    if isinstance(alpha, Mapping):
+        plan = []
+        for key, value in alpha.items():
+            a = _check_alpha(value, repr(key))
+            plan.extend((op, a) for op in _resolve(ops, key))
+    else:
+        a = _check_alpha(alpha, "every site")
+        plan = [(op, a) for op in ops.values()]
+    uncalibrated = [op.site for op, a in plan if a > 0 and not op.calibrated]
+    if uncalibrated:
+        raise CalibrationError(f"site(s) {uncalibrated[:5]} are not calibrated; run fxsparse.calibrate before "
+                               "setting a non-zero alpha")
+    with torch.no_grad():
+        for op, a in plan:
+            op.alpha.fill_(a)
+    return model
+
+
+_ST_LOCK = threading.Lock()
+_ST_DEPTH: "dict[int, int]" = {}
+
+
+@contextlib.contextmanager
+def straight_through(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every MeanSparse passes gradients straight through (BPDA); forward is unchanged.
+
+    Nested and concurrent uses on the same model are counted: the switch goes off when the last one exits.
+    """
+    ops = list(meansparse_ops(model).values())
+    key = id(model)
+    with _ST_LOCK:
+        _ST_DEPTH[key] = _ST_DEPTH.get(key, 0) + 1
+        for op in ops:
+            op.straight_through = True
+    try:
+        yield model
+    finally:
+        with _ST_LOCK:
+            _ST_DEPTH[key] -= 1
+            if _ST_DEPTH[key] == 0:
+                del _ST_DEPTH[key]
+                for op in ops:
+                    op.straight_through = False

@@ -1,0 +1,17 @@
+"""Errors raised by fxsparse: one base class, so callers can catch everything we raise."""
+
+
+class FxsparseError(Exception):
+    """Base class of every error fxsparse raises. Messages say what went wrong and what to do."""
+
+
+class CaptureError(FxsparseError):
+    """No capture path could turn the model into a GraphModule."""
+
+
+class CalibrationError(FxsparseError):
+    """Calibration data was empty, malformed, or produced non-finite values."""
+
+
+class SelectionError(FxsparseError):
+    """A selection, a site name or an alpha value does not fit the model."""

@@ -1,0 +1,148 @@
+"""Locate: find the activation calls of a captured graph and pick the ones a selection asks for.
+
+A site is one activation *call*: a module called twice (torchvision's BasicBlock reuses `self.relu`) gives
+two sites, `layer1.0.relu` and `layer1.0.relu_1`, because each call sees different statistics. An activation
+module inside an opaque leaf is a site too (`inner` names it relative to the leaf).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import inspect
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
+
+from torch import fx, nn
+
+from fxsparse.errors import SelectionError
+from fxsparse.passes.kinds import (ActivationKind, activation_kinds, activation_module_classes, get_kind,
+                                   kind_of_function, kind_of_method, kind_of_module)
+
+PATH_META = "fxsparse_path"
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which sites to take: activation kinds (None: every default kind) and module-path globs."""
+
+    kinds: Optional[Sequence[str]] = None
+    include: Sequence[str] = ("*",)
+    exclude: Sequence[str] = ()
+
+    def takes_kind(self, kind: ActivationKind) -> bool:
+        return kind.default if self.kinds is None else kind.name in self.kinds
+
+    def takes_path(self, name: str) -> bool:
+        def hit(patterns):
+            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        return hit(self.include) and not hit(self.exclude)
+
+
+def as_selection(select: Union[None, Selection, Mapping[str, Any], str, Iterable[str]]) -> Selection:
+    """Accepts a Selection, a dict of its fields, one kind name, or a list of kind names."""
+    if select is None:
+        return Selection()
+    if isinstance(select, Selection):
+        sel = select
+    elif isinstance(select, Mapping):
+        unknown = set(select) - {"kinds", "include", "exclude"}
+        if unknown:
+            raise SelectionError(f"unknown selection keys {sorted(unknown)}; use kinds, include, exclude")
+        sel = Selection(**{k: (tuple(v) if not isinstance(v, str) else (v,)) for k, v in select.items()})
+    elif isinstance(select, str):
+        sel = Selection(kinds=(select,))
+    else:
+        sel = Selection(kinds=tuple(select))
+    if sel.kinds is not None:
+        for name in sel.kinds:
+            get_kind(name)  # raises on an unknown kind
+    return sel
+
+
+@dataclasses.dataclass
+class Site:
+    name: str                 # unique, dotted like a module path: "layer1.0.relu", "blocks.0.mlp.gelu_1"
+    module_path: str          # the activation module, or the module whose forward calls the function
+    kind: str
+    node: fx.Node             # the activation node (for an inner site: the opaque leaf's node)
+    inplace: bool
+    inner: Optional[str] = None  # activation path inside the opaque leaf `node.target`
+
+
+def _bound_inplace(fn, node: fx.Node) -> bool:
+    if getattr(fn, "__name__", "").endswith("_"):
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _short_name(target) -> str:
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    return name.rstrip("_") or name
+
+
+def _raw_sites(gm: fx.GraphModule):
+    """(path, kind, node, inplace, inner) for every activation call in graph order."""
+    classes = activation_module_classes()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            kind = kind_of_module(mod)
+            if kind is not None:
+                yield node.target, kind, node, bool(getattr(mod, "inplace", False)), None
+                continue
+            for inner_path, inner in mod.named_modules():
+                if not inner_path or not isinstance(inner, classes):
+                    continue
+                inner_kind = kind_of_module(inner)
+                yield (f"{node.target}.{inner_path}", inner_kind, node,
+                       bool(getattr(inner, "inplace", False)), inner_path)
+        elif node.op == "call_function":
+            kind = kind_of_function(node.target)
+            if kind is not None:
+                scope = node.meta.get(PATH_META, "")
+                path = f"{scope}.{_short_name(node.target)}" if scope else _short_name(node.target)
+                yield path, kind, node, _bound_inplace(node.target, node), None
+        elif node.op == "call_method":
+            kind = kind_of_method(node.target)
+            if kind is not None:
+                scope = node.meta.get(PATH_META, "")
+                path = f"{scope}.{_short_name(node.target)}" if scope else _short_name(node.target)
+                yield path, kind, node, node.target.endswith("_"), None
+
+
+def _skip_nested(raw):
+    """An activation module nested inside another one (a user kind wrapping nn.ReLU) is one site."""
+    taken: List[str] = []
+    for item in raw:
+        path, _, _, _, inner = item
+        if inner is not None and any(path.startswith(t + ".") for t in taken):
+            continue
+        taken.append(path)
+        yield item
+
+
+def locate(gm: fx.GraphModule, select=None) -> List[Site]:
+    """Every selected activation call of `gm`, in graph order, with unique site names."""
+    selection = as_selection(select)
+    sites: List[Site] = []
+    used = {name for name, _ in gm.named_modules()}
+    seen: dict = {}
+    for path, kind, node, inplace, inner in _skip_nested(_raw_sites(gm)):
+        if not selection.takes_kind(kind):
+            continue
+        count = seen.get(path, 0)
+        seen[path] = count + 1
+        name = path if count == 0 else f"{path}_{count}"
+        while name in used and name != path or f"{name}_meansparse" in used:
+            count += 1
+            name = f"{path}_{count}"
+        if not (selection.takes_path(name) or selection.takes_path(path)):
+            continue
+        used.add(f"{name}_meansparse")
+        sites.append(Site(name, path, kind.name, node, inplace, inner))
+    return sites

@@ -1,0 +1,106 @@
+"""Splice: put a `MeanSparse` in front of every located site.
+
+For a site in the graph, a `call_module` node `<site>_meansparse` is inserted between the activation and its
+input, and only the activation reads from it: other consumers of the input (a residual skip) still read the
+original tensor. For an in-place activation the operator works in place as well, so every alias of the
+input sees exactly what the original program let it see; with alpha = 0 the outputs are bit-identical.
+
+For a site inside an opaque leaf (a no-trace module that could not be traced through), the operator is
+registered next to the activation inside the leaf (the leaf belongs to the captured copy, never to the
+user's model) and applied by a forward pre-hook on the activation.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List
+
+import torch
+from torch import fx, nn
+
+from fxsparse.errors import FxsparseError
+from fxsparse.ops import MeanSparse
+from fxsparse.passes.channel_axis import fallback_dim, infer_channel_dim
+from fxsparse.passes.locate import PATH_META, Site
+from fxsparse.passes.shapes import INNER_META, SHAPE_META, node_shape
+
+
+class ApplyBefore:
+    """Forward pre-hook that runs a MeanSparse on an activation module's input."""
+
+    def __init__(self, op: MeanSparse):
+        self.op = op
+
+    def __call__(self, module: nn.Module, args: tuple):
+        return (self.op(args[0]),) + tuple(args[1:])
+
+
+def _activation_input(node: fx.Node) -> fx.Node:
+    if node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    for key in ("input", "x", "self"):
+        if isinstance(node.kwargs.get(key), fx.Node):
+            return node.kwargs[key]
+    raise FxsparseError(f"cannot find the tensor input of activation node {node.name} ({node.format_node()})")
+
+
+def _state_device(gm: fx.GraphModule) -> torch.device:
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _make_op(site: Site, shape, dim: int, rule: str, device) -> MeanSparse:
+    op = MeanSparse(shape[dim], dim, inplace=site.inplace).to(device)
+    op.site, op.module_path, op.kind, op.axis_rule = site.name, site.module_path, site.kind, rule
+    return op
+
+
+def _splice_graph_site(gm: fx.GraphModule, site: Site, device) -> None:
+    act = site.node
+    inp = _activation_input(act)
+    shape = node_shape(inp)
+    if shape is None:
+        raise FxsparseError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
+    dim, rule = infer_channel_dim(gm, inp, len(shape))
+    op = _make_op(site, shape, dim, rule, device)
+    op.node = act.name
+    target = f"{site.name}_meansparse"
+    gm.add_submodule(target, op)
+    with gm.graph.inserting_before(act):
+        new = gm.graph.call_module(target, (inp,))
+    new.meta[PATH_META] = target
+    new.meta[SHAPE_META] = shape
+    new.meta["fxsparse_site"] = site.name
+    act.replace_input_with(inp, new)
+
+
+def _splice_inner_site(gm: fx.GraphModule, site: Site, device) -> None:
+    leaf_node = site.node
+    shape = leaf_node.meta.get(INNER_META, {}).get(site.inner)
+    if shape is None:
+        raise FxsparseError(
+            f"the activation {site.inner!r} inside {leaf_node.target!r} did not run during shape propagation; "
+            "pass example_inputs that exercise it, or exclude the site")
+    leaf = gm.get_submodule(leaf_node.target)
+    parent_path, _, act_name = site.inner.rpartition(".")
+    parent = leaf.get_submodule(parent_path) if parent_path else leaf
+    act = parent.get_submodule(act_name)
+    name = f"{act_name}_meansparse"
+    if hasattr(parent, name):  # the leaf is called more than once: one operator, pooled statistics
+        return
+    op = _make_op(site, shape, fallback_dim(len(shape)), f"inside {type(leaf).__name__}", device)
+    op.node = f"{leaf_node.name} (inside)"
+    parent.add_module(name, op)
+    act.register_forward_pre_hook(ApplyBefore(op))
+
+
+def splice(gm: fx.GraphModule, sites: Iterable[Site]) -> fx.GraphModule:
+    """Insert one MeanSparse per site (in place on `gm`, which is returned)."""
+    device = _state_device(gm)
+    for site in sites:
+        if site.inner is None:
+            _splice_graph_site(gm, site, device)
+        else:
+            _splice_inner_site(gm, site, device)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,131 @@
+"""Calibration: exact pooled statistics, invariant to batching and order; clear errors on bad data."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+
+import fxsparse
+from fxsparse.calibrate import ChannelStats, batch_inputs
+
+
+def _two_pass_reference(x: torch.Tensor, dim: int):
+    xd = x.double().movedim(dim, 0).reshape(x.shape[dim], -1)
+    mean = xd.mean(1)
+    std = ((xd - mean[:, None]) ** 2).mean(1).sqrt()
+    return mean, std
+
+
+@st.composite
+def datasets(draw):
+    ndim = draw(st.integers(2, 4))
+    dim = draw(st.integers(1, ndim - 1))
+    shape = [draw(st.integers(5, 24))] + [draw(st.integers(1, 4)) for _ in range(ndim - 1)]
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    offset = draw(st.sampled_from([0.0, 3.0, 1e3]))
+    scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    x = torch.randn(shape, generator=gen) * scale + offset
+    cuts = sorted(draw(st.lists(st.integers(1, shape[0] - 1), max_size=4, unique=True)))
+    order = draw(st.permutations(range(len(cuts) + 1)))
+    return x, dim, cuts, order
+
+
+@given(datasets())
+def test_channel_stats_match_float64_two_pass_for_any_batching_and_order(case):
+    x, dim, cuts, order = case
+    batches = list(torch.tensor_split(x, cuts, dim=0))
+    stats = ChannelStats(dim)
+    for i in order:
+        stats.update(batches[i])
+    mean, std = _two_pass_reference(x, dim)
+    assert stats.count == x.numel() // x.shape[dim]
+    torch.testing.assert_close(stats.mean, mean, rtol=1e-12, atol=1e-12 * (1 + mean.abs().max().item()))
+    torch.testing.assert_close(stats.std, std, rtol=1e-9, atol=1e-12 * (1 + mean.abs().max().item()))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 5)
+        self.act2 = nn.GELU()
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        return self.act2(self.fc(x.mean((2, 3))))
+
+
+def _site_input_reference(model, data):
+    conv_out = torch.cat([model.conv(b) for b in data])
+    fc_out = torch.cat([model.fc(torch.relu(model.conv(b)).mean((2, 3))) for b in data])
+    return {"act": _two_pass_reference(conv_out, 1), "act2": _two_pass_reference(fc_out, 1)}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_calibrate_model_sites_exact_and_batch_size_invariant(batch):
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(24, 3, 6, 6)
+    gm = fxsparse.prepare(model, x[:2])
+    data = list(torch.split(x, batch))
+    fxsparse.calibrate(gm, data)
+    with torch.no_grad():
+        ref = _site_input_reference(model, [x])
+    ops = fxsparse.meansparse_ops(gm)
+    assert set(ops) == {"act", "act2"}
+    for site, (mean, std) in ref.items():
+        torch.testing.assert_close(ops[site].mean.double(), mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ops[site].std.double(), std, rtol=1e-6, atol=1e-6)
+        assert ops[site].calibrated
+
+
+def test_calibrate_accepts_pairs_dicts_and_loaders_and_keeps_mode():
+    model = Tiny()
+    x = torch.randn(12, 3, 6, 6)
+    y = torch.zeros(12, dtype=torch.long)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
+    results = []
+    for data in (loader, [(x, y)], [{"image": x}], iter([x[:6], x[6:]])):
+        gm = fxsparse.prepare(model, x[:2])
+        gm.train()
+        fxsparse.calibrate(gm, data)
+        assert gm.training
+        results.append(fxsparse.meansparse_ops(gm)["act"].mean.clone())
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_errors_are_specific():
+    model = Tiny()
+    gm = fxsparse.prepare(model, torch.randn(2, 3, 6, 6))
+    with pytest.raises(fxsparse.CalibrationError, match="empty"):
+        fxsparse.calibrate(gm, [])
+    with pytest.raises(fxsparse.CalibrationError, match="batch 0"):
+        fxsparse.calibrate(gm, [torch.randn(2, 5, 6, 6)])
+    with pytest.raises(fxsparse.CalibrationError, match="cannot read"):
+        fxsparse.calibrate(gm, ["not a tensor"])
+    bad = torch.randn(2, 3, 6, 6)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(fxsparse.CalibrationError, match="non-finite.*batch 1"):
+        fxsparse.calibrate(gm, [torch.randn(2, 3, 6, 6), bad])
+    assert issubclass(fxsparse.CalibrationError, fxsparse.FxsparseError)
+
+
+def test_batch_inputs_forms():
+    t = torch.zeros(1)
+    assert batch_inputs(t)[0] is t
+    assert batch_inputs((t, 3))[0] is t
+    assert batch_inputs({"input": t})[0] is t
+
+
+def test_replaced_fraction_matches_operator_on_calibration_data():
+    torch.manual_seed(1)
+    model = Tiny().eval()
+    x = torch.randn(16, 3, 6, 6)
+    gm = fxsparse.sparsify(model, [x], alpha=0.25)
+    op = fxsparse.meansparse_ops(gm)["act"]
+    conv_out = model.conv(x).detach()
+    inside = ((conv_out - op.mean.view(1, -1, 1, 1)).abs() < 0.25 * op.std.view(1, -1, 1, 1)).double().mean()
+    record = {r.site: r for r in fxsparse.audit(gm)}["act"]
+    assert abs(record.replaced - inside.item()) < 1e-6

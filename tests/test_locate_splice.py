@@ -1,0 +1,241 @@
+"""The pass on hand-made and randomly generated small models: every spelling found once, alpha = 0 exact."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+from torch import fx, nn
+
+import fxsparse
+from fxsparse.passes.kinds import unregister_activation
+from spellings import GATES, SPELLINGS, instantiate
+
+C, H, W = 6, 5, 4  # distinct sizes, so a wrong channel axis shows up as a wrong channel count
+
+
+class Steps(nn.Module):
+    """Runs a list of steps; activations are called with the spelling each step names."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = [s[0] if s[0] != "act" else "act" for s in steps]
+        self.layers = nn.ModuleList()
+        self.fns = []
+        for i, step in enumerate(steps):
+            kind = step[0]
+            if kind == "conv":
+                self.layers.append(nn.Conv2d(C, C, 3, padding=1))
+            elif kind == "bn":
+                bn = nn.BatchNorm2d(C)
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                self.layers.append(bn)
+            elif kind == "linear":
+                self.layers.append(nn.Linear(C, C))
+            elif kind == "act":
+                act = instantiate(step[1])
+                if isinstance(act, nn.Module):
+                    self.layers.append(act)
+                else:
+                    self.layers.append(nn.Identity())
+                    self.fns.append((i, act))
+            else:
+                self.layers.append(nn.Identity())
+        for i, fn in self.fns:  # plain attributes, the way timm keeps `self.act_fn`
+            setattr(self, f"fn{i}", fn)
+
+    def forward(self, x):
+        saved, saved_nhwc = x, False
+        nhwc = False
+        for i, step in enumerate(self.steps):
+            layer = self.layers[i]
+            if step in ("conv", "bn"):
+                x = layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) if nhwc else layer(x)
+            elif step == "linear":
+                x = layer(x) if nhwc else layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            elif step == "act":
+                x = getattr(self, f"fn{i}")(x) if hasattr(self, f"fn{i}") else layer(x)
+            elif step == "save":
+                saved, saved_nhwc = x, nhwc
+            elif step == "add" and saved_nhwc == nhwc:
+                x = x + saved
+            elif step == "nhwc" and not nhwc:
+                x, nhwc = x.permute(0, 2, 3, 1), True
+            elif step == "nchw" and nhwc:
+                x, nhwc = x.permute(0, 3, 1, 2), False
+        return x.permute(0, 3, 1, 2) if nhwc else x
+
+
+def _act_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                              fxsparse.MeanSparse)]
+
+
+def _input():
+    return torch.randn(3, C, H, W)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS, ids=[s[0] for s in SPELLINGS])
+def test_every_spelling_is_one_site_of_its_kind(spelling):
+    name, kind, inplace, _ = spelling
+    model = Steps([("conv",), ("act", spelling), ("conv",)]).eval()
+    select = [kind] if kind in GATES else None
+    gm = fxsparse.prepare(model, _input(), select=select)
+    records = fxsparse.audit(gm)
+    assert len(records) == 1, records
+    r = records[0]
+    assert (r.kind, r.inplace, r.channels, r.dim) == (kind, inplace, C, 1)
+    x = _input()
+    with torch.no_grad():
+        assert torch.equal(gm(x.clone()), model(x.clone()))
+    if kind in GATES:
+        assert len(fxsparse.audit(fxsparse.prepare(model, _input()))) == 0
+
+
+def test_inplace_activation_keeps_aliasing_semantics():
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C, C, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = F.relu(y, inplace=True)  # mutates y: the add below sees relu(y) twice
+            return z + y
+
+    model = Alias().eval()
+    torch.manual_seed(0)
+    x = _input()
+    gm = fxsparse.sparsify(model, [_input() for _ in range(2)], alpha=0.0)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+        fxsparse.set_alpha(gm, 0.5)
+        out = gm(x)
+        y = model.conv(x)
+        op = fxsparse.meansparse_ops(gm)["relu"]
+        s = torch.relu(op.__class__.forward(op, y.clone()))
+        assert torch.equal(out, s + s)
+
+
+def test_residual_skip_reads_the_original_tensor():
+    model = Steps([("conv",), ("save",), ("act", SPELLINGS[0]), ("conv",), ("add",)]).eval()
+    gm = fxsparse.sparsify(model, [_input() for _ in range(2)], alpha=10.0)  # replaces nearly everything
+    with torch.no_grad():
+        x = _input()
+        skip = model.layers[0](x)
+        out = gm(x)
+        op = fxsparse.meansparse_ops(gm)["layers.2"]
+        expected = model.layers[3](torch.relu(op(skip))) + skip
+        torch.testing.assert_close(out, expected)
+
+
+def test_channel_axis_for_each_layout():
+    class Layouts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(C, 7, 1)
+            self.fc = nn.Linear(W, 9)
+            self.norm = nn.LayerNorm(9)
+            self.head = nn.Linear(C * H * 9, 11)
+
+        def forward(self, x):                       # (B, C, H, W)
+            a = F.gelu(self.conv1d(x.flatten(2)))    # (B, 7, H*W): dim 1
+            tokens = F.relu(self.norm(self.fc(x)))  # (B, C, H, 9) channel-last after Linear: dim 3
+            nhwc = x.permute(0, 2, 3, 1).relu()     # permuted conv features: channels at dim 3
+            vec = F.silu(self.head(tokens.flatten(1)))  # (B, 11): dim 1
+            return a.sum() + tokens.sum() + nhwc.sum() + vec.sum()
+
+    gm = fxsparse.prepare(Layouts(), _input())
+    got = {r.site: (r.dim, r.channels) for r in fxsparse.audit(gm)}
+    assert got == {"gelu": (1, 7), "relu": (3, 9), "relu_1": (3, C), "silu": (1, 11)}
+
+
+def test_selection_by_kind_and_path():
+    spell = {s[0]: s for s in SPELLINGS}
+    model = Steps([("conv",), ("act", spell["nn.ReLU"]), ("conv",), ("act", spell["nn.GELU"]),
+                   ("act", spell["nn.Sigmoid"])])
+    x = _input()
+    assert [r.kind for r in fxsparse.audit(fxsparse.prepare(model, x))] == ["relu", "gelu"]
+    assert [r.kind for r in fxsparse.audit(fxsparse.prepare(model, x, select=["gelu", "sigmoid"]))] == [
+        "gelu", "sigmoid"]
+    sel = fxsparse.Selection(exclude=("layers.1",))
+    assert [r.site for r in fxsparse.audit(fxsparse.prepare(model, x, select=sel))] == ["layers.3"]
+    assert len(fxsparse.audit(fxsparse.prepare(model, x, select={"include": ["layers.[12]"]}))) == 1
+    with pytest.raises(fxsparse.SelectionError, match="unknown activation kind"):
+        fxsparse.prepare(model, x, select=["nope"])
+
+
+class Squareplus(nn.Module):
+    def forward(self, x):
+        return 0.5 * (x + torch.sqrt(x * x + 4))
+
+
+def squareplus(x):
+    return 0.5 * (x + torch.sqrt(x * x + 4))
+
+
+def test_register_activation_user_module_and_function():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C, C, 1)
+            self.act = Squareplus()
+
+        def forward(self, x):
+            return squareplus(self.act(self.conv(x)))
+
+    fxsparse.register_activation("squareplus", modules=[Squareplus], functions=[squareplus])
+    try:
+        with pytest.raises(fxsparse.FxsparseError, match="already exists"):
+            fxsparse.register_activation("squareplus")
+        gm = fxsparse.prepare(Net(), _input())
+        assert [(r.site, r.kind) for r in fxsparse.audit(gm)] == [("act", "squareplus"), ("squareplus", "squareplus")]
+    finally:
+        unregister_activation("squareplus")
+
+
+def test_users_model_is_not_modified():
+    model = Steps([("conv",), ("act", SPELLINGS[1]), ("conv",)])
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    gm = fxsparse.sparsify(model, [_input()], alpha=0.3)
+    gm.half()
+    assert model.training
+    assert [type(m) for m in model.modules()] == modules_before
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_not_a_module_is_a_clear_error():
+    with pytest.raises(fxsparse.FxsparseError, match="nn.Module"):
+        fxsparse.prepare(lambda x: x)
+
+
+# ---- random models ---------------------------------------------------------------------------------------
+DEFAULT_SPELLINGS = [s for s in SPELLINGS if s[1] not in GATES]
+step = st.one_of(
+    st.sampled_from([("conv",), ("bn",), ("linear",), ("save",), ("add",), ("nhwc",), ("nchw",)]),
+    st.tuples(st.just("act"), st.sampled_from(DEFAULT_SPELLINGS)),
+)
+
+
+@given(st.lists(step, min_size=1, max_size=10), st.integers(0, 2**31 - 1))
+def test_random_models_alpha_zero_exact_and_one_operator_per_activation_call(steps, seed):
+    torch.manual_seed(seed)
+    model = Steps([("conv",)] + steps).eval()
+    x = _input()
+    gm = fxsparse.prepare(model, x)
+    n_acts = sum(1 for s in steps if s[0] == "act")
+    ops = _act_nodes(gm)
+    assert len(ops) == n_acts
+    for op_node in ops:  # each operator feeds exactly its activation
+        users = list(op_node.users)
+        assert len(users) == 1
+    assert all(r.channels == C for r in fxsparse.audit(gm))
+    with torch.no_grad():
+        assert torch.equal(gm(x.clone()), model(x.clone()))
+    if n_acts:
+        fxsparse.calibrate(gm, [_input(), _input()])
+        fxsparse.set_alpha(gm, 0.3)
+        with torch.no_grad():
+            assert gm(x).shape == model(x).shape

@@ -1,0 +1,124 @@
+"""Property tests of the MeanSparse operator itself."""
+import torch
+from hypothesis import given, strategies as st
+
+from fxsparse import MeanSparse
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+        torch.float64: torch.int64}
+
+
+@st.composite
+def cases(draw, dtypes=DTYPES):
+    ndim = draw(st.integers(2, 5))
+    shape = [draw(st.integers(1, 5)) for _ in range(ndim)]
+    dim = draw(st.integers(-ndim, ndim - 1))
+    dtype = draw(st.sampled_from(dtypes))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[dim]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    if ndim == 4 and draw(st.booleans()):
+        x = x.to(memory_format=torch.channels_last)
+    mean = torch.randn(channels, generator=gen) * 0.5
+    std = torch.rand(channels, generator=gen) + 0.1
+    alpha = draw(st.sampled_from([0.0, 0.05, 0.2, 0.5, 1.0, 3.0]))
+    op = MeanSparse(channels, dim)
+    op.mean.copy_(mean)
+    op.std.copy_(std)
+    op.alpha.fill_(alpha)
+    op.count.fill_(1.0)
+    return op, x
+
+
+def _bits(t):
+    return t.contiguous().view(BITS[t.dtype])
+
+
+def _bands(op, x):
+    """Elements clearly inside and clearly outside the band (float64 arithmetic, 10% margin)."""
+    shape = [1] * x.dim()
+    shape[op.dim] = -1
+    mean = op.mean.double().view(shape)
+    width = float(op.alpha) * op.std.double().view(shape)
+    dist = (x.double() - mean).abs()
+    return dist < 0.9 * width - 1e-2, dist > 1.1 * width + 1e-2
+
+
+@given(cases())
+def test_alpha_zero_is_identity_bit_for_bit(case):
+    op, x = case
+    op.alpha.zero_()
+    flat = x.contiguous().clone().view(-1)
+    flat[0] = float("nan")
+    if flat.numel() > 2:
+        flat[1] = -0.0
+        flat[2] = float("inf")
+    special = flat.view(x.shape)
+    for inp in (x, special):
+        y = op(inp)
+        assert y.dtype == inp.dtype and y.shape == inp.shape
+        assert torch.equal(_bits(y), _bits(inp))
+
+
+@given(cases())
+def test_outside_untouched_inside_replaced_by_channel_mean(case):
+    op, x = case
+    y = op(x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    inside, outside = _bands(op, x)
+    shape = [1] * x.dim()
+    shape[op.dim] = -1
+    mean = op.mean.to(x.dtype).view(shape).expand_as(x)
+    assert torch.equal(_bits(y)[outside], _bits(x)[outside])
+    assert torch.equal(y[inside], mean[inside])
+
+
+@given(cases(dtypes=[torch.float32, torch.float64]))
+def test_gradient_zero_inside_identity_outside(case):
+    op, x = case
+    x = x.detach().requires_grad_(True)
+    op(x).sum().backward()
+    inside, outside = _bands(op, x.detach())
+    assert torch.all(x.grad[inside] == 0)
+    assert torch.all(x.grad[outside] == 1)
+
+
+@given(cases(dtypes=[torch.float32, torch.float64]))
+def test_straight_through_gradient_is_identity_and_forward_unchanged(case):
+    op, x = case
+    expected = op(x)
+    x = x.detach().requires_grad_(True)
+    op.straight_through = True
+    y = op(x)
+    y.sum().backward()
+    assert torch.equal(_bits(y.detach()), _bits(expected))
+    assert torch.all(x.grad == 1)
+
+
+@given(cases())
+def test_inplace_writes_into_its_input(case):
+    op, x = case
+    expected = op(x)
+    op.inplace = True
+    x2 = x.clone()
+    y = op(x2)
+    assert y.data_ptr() == x2.data_ptr()
+    assert torch.equal(_bits(y), _bits(expected))
+
+
+def test_buffers_and_state_dict_names():
+    op = MeanSparse(3, 1)
+    assert set(op.state_dict()) == {"mean", "std", "alpha", "count"}
+    assert op.alpha.dim() == 0 and op.channels == 3 and not op.calibrated
+
+
+def test_module_dtype_cast_keeps_working():
+    op = MeanSparse(4, 1)
+    op.mean.copy_(torch.arange(4.0))
+    op.alpha.fill_(1.0)
+    op.count.fill_(1)
+    op = op.half()
+    x = torch.zeros(2, 4, 3, dtype=torch.float16)
+    assert op(x).dtype == torch.float16
