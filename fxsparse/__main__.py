@@ -1,0 +1,5 @@
+import sys
+
+from fxsparse.cli import main
+
+sys.exit(main())
