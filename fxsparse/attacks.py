@@ -1,10 +1,15 @@
-"""Projected gradient descent (Madry et al.), L-inf and L2, with random start and restarts.
+"""Attacks: projected gradient descent (Madry et al.) here, APGD, APGD-T, Square and AutoAttack through the
+reference implementation (`pyautoattack`, optional: `pip install 'fxsparse[eval]'`).
 
-Deterministic given `seed`. Used by the demo and by robust-accuracy checks; wrap the model in
-`fxsparse.straight_through` to attack with BPDA gradients through the MeanSparse operators.
+Every attack has the signature `attack(model, x, y, eps, *, norm, bounds, seed, **options) -> x_adv` and is
+deterministic given `seed`. Wrap the model in `fxsparse.straight_through` to attack with BPDA gradients through
+the MeanSparse operators; `fxsparse.evaluate` runs each attack both ways.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -93,3 +98,113 @@ def accuracy(model: nn.Module, batches: Iterable, attack=None) -> float:
     finally:
         model.train(was)
     return right / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reference AutoAttack implementation (Croce & Hein 2020), published on PyPI as `pyautoattack`. Its API
+# differs from the original repository's `autoattack` package: the module is `pyautoattack`, `AutoAttack`
+# takes keyword-only arguments (`attacks=` rather than `attacks_to_run=`) and `run_standard_evaluation`
+# returns `(x_adv, y_adv)` and takes `batch_size=`. Every run here seeds it explicitly and restores torch's
+# global random state afterwards (the package reseeds the global generator).
+
+_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def _pyautoattack():
+    try:
+        import pyautoattack
+    except ImportError as exc:
+        from fxsparse.errors import FxsparseError
+
+        raise FxsparseError("APGD, Square and AutoAttack use the reference implementation from the pyautoattack "
+                            "package: pip install 'fxsparse[eval]'") from exc
+    return pyautoattack
+
+
+def _reference_norm(norm: str, bounds: Tuple[float, float]) -> str:
+    from fxsparse.errors import FxsparseError
+
+    if norm not in _NORMS:
+        raise FxsparseError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if tuple(bounds) != (0.0, 1.0):
+        raise FxsparseError(f"the reference attacks assume inputs in [0, 1], got bounds {tuple(bounds)}: put the "
+                            "input normalisation inside the model")
+    return _NORMS[norm]
+
+
+@contextlib.contextmanager
+def _private_rng(device: torch.device):
+    """Keep the caller's torch random state: the reference attacks reseed the global generators."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
+         loss: str = "ce", steps: int = 100, restarts: int = 1, bounds=(0.0, 1.0), seed: int = 0) -> torch.Tensor:
+    """APGD (Croce & Hein 2020) on cross-entropy (`loss="ce"`) or the DLR loss (`loss="dlr"`)."""
+    _pyautoattack()
+    from pyautoattack.autopgd_base import APGDAttack
+
+    ref_norm = _reference_norm(norm, bounds)
+    attack = APGDAttack(model, n_iter=steps, norm=ref_norm, n_restarts=restarts, eps=eps, seed=seed, loss=loss,
+                        device=x.device)
+    with _private_rng(x.device):
+        return attack.perturb(x, y).detach()
+
+
+def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
+                  steps: int = 100, targets: int = 9, restarts: int = 1, bounds=(0.0, 1.0),
+                  seed: int = 0) -> torch.Tensor:
+    """APGD-T: APGD on the targeted DLR loss, against each of the `targets` most likely wrong classes."""
+    _pyautoattack()
+    from pyautoattack.autopgd_base import APGDAttack_targeted
+
+    ref_norm = _reference_norm(norm, bounds)
+    with torch.no_grad():
+        classes = model(x[:1]).shape[-1]
+    attack = APGDAttack_targeted(model, n_iter=steps, norm=ref_norm, n_restarts=restarts, eps=eps, seed=seed,
+                                 n_target_classes=max(1, min(targets, classes - 1)), device=x.device)
+    with _private_rng(x.device):
+        return attack.perturb(x, y).detach()
+
+
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
+           queries: int = 5000, p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = True,
+           bounds=(0.0, 1.0), seed: int = 0) -> torch.Tensor:
+    """Square Attack (Andriushchenko et al. 2020): random search on the margin loss, scores only, no gradient.
+    The gradient-free check: a defence that only masks gradients does not slow it down. `rescale_schedule`
+    shrinks the squares on the schedule of the query budget given (AutoAttack's 5000 queries use False)."""
+    _pyautoattack()
+    from pyautoattack.square import SquareAttack
+
+    ref_norm = _reference_norm(norm, bounds)
+    if ref_norm == "L2" and min(x.shape[-2:]) < 5:
+        from fxsparse.errors import FxsparseError
+
+        raise FxsparseError(f"L2 Square needs images of at least 5 x 5 pixels, got {tuple(x.shape[-2:])}")
+    attack = SquareAttack(model, norm=ref_norm, n_queries=queries, eps=eps, p_init=p_init, n_restarts=restarts,
+                          seed=seed, resc_schedule=rescale_schedule, device=x.device)
+    with _private_rng(x.device), torch.no_grad():
+        return attack.perturb(x, y).detach()
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
+               version: str = "standard", steps: Optional[int] = None, queries: Optional[int] = None,
+               bounds=(0.0, 1.0), seed: int = 0) -> torch.Tensor:
+    """AutoAttack's standard ensemble (APGD-CE, APGD-T, FAB-T, Square), as on RobustBench.
+
+    `steps` and `queries` shrink its budgets (100 iterations per gradient attack, 5000 Square queries) for
+    smoke tests only; a reported AutoAttack number uses the defaults."""
+    pkg = _pyautoattack()
+    ref_norm = _reference_norm(norm, bounds)
+    adversary = pkg.AutoAttack(model, device=x.device, eps=eps, norm=ref_norm, seed=seed, version=version)
+    adversary.logger.setLevel(logging.WARNING)
+    if steps is not None:
+        adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
+    if queries is not None:
+        adversary.square.n_queries = queries
+    with _private_rng(x.device), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Warning)  # its checks warn about zero gradients, which we report ourselves
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+    return x_adv.detach()

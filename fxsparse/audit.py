@@ -36,6 +36,7 @@ class SiteRecord:
     std_mean: Optional[float]
     std_max: Optional[float]
     replaced: Optional[float]
+    policy: str = "activations"  # the placement policy that put the operator there (passes/placement.py)
 
 
 def _record(op: MeanSparse) -> SiteRecord:
@@ -51,6 +52,7 @@ def _record(op: MeanSparse) -> SiteRecord:
         mean_min=summary(mean.min()), mean_max=summary(mean.max()),
         std_min=summary(std.min()), std_mean=summary(std.mean()), std_max=summary(std.max()),
         replaced=replaced_fraction(op) if cal else None,
+        policy=getattr(op, "policy", "activations"),
     )
 
 
@@ -77,20 +79,23 @@ class Audit(List[SiteRecord]):
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_markdown(self) -> str:
-        cols = ["site", "kind", "node", "dim", "axis_rule", "channels", "alpha", "std_mean", "replaced"]
-        head = ["site", "kind", "node", "dim", "axis from", "channels", "alpha", "mean std", "replaced"]
+        cols = ["site", "kind", "node", "dim", "axis_rule", "channels", "alpha", "std_mean", "replaced", "policy"]
+        head = ["site", "kind", "node", "dim", "axis from", "channels", "alpha", "mean std", "replaced", "policy"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self:
             row = dataclasses.asdict(r)
             cells = [_fmt(row[c]) for c in cols]
             if r.replaced is not None:
-                cells[-1] = f"{100 * r.replaced:.1f}%"
+                cells[-2] = f"{100 * r.replaced:.1f}%"
             lines.append("| " + " | ".join(cells) + " |")
         summary = f"{len(self)} sites"
         if self.capture:
             summary += f"; captured with {self.capture.get('path', '?')}"
+            reasons = self.capture.get("reasons") or {}
+            for path, why in reasons.items():
+                summary += f"; {path} not used: {why}"
             opaque = self.capture.get("opaque_leaves") or {}
-            if opaque:
+            if opaque and self.capture.get("path") == "fx":
                 summary += f"; {len(opaque)} opaque leaves (operators inside): " + ", ".join(sorted(opaque)[:5])
         return "\n".join(lines) + "\n\n" + summary + "\n"
 

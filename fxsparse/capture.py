@@ -20,6 +20,9 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
+import logging
+import operator
 import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -28,8 +31,10 @@ from torch import fx, nn
 
 from fxsparse.errors import CaptureError
 from fxsparse.passes.kinds import activation_module_classes, python_activation_functions
+from fxsparse.passes.shapes import propagate_shapes
 
 PATH_META = "fxsparse_path"
+ACTIVATION_MODULE_META = "fxsparse_activation_module"  # export path: the node is an activation module's op
 
 
 def _timm_notrace() -> Tuple[Tuple[type, ...], Tuple[Callable, ...]]:
@@ -90,9 +95,30 @@ class CaptureReport:
     path: str = "fx"
     opaque_leaves: Dict[str, str] = dataclasses.field(default_factory=dict)
     traced_through: list = dataclasses.field(default_factory=list)
+    reasons: Dict[str, str] = dataclasses.field(default_factory=dict)  # capture path -> why it was not used
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class _InPlaceProxy(fx.Proxy):
+    """Records `x += y` as `operator.iadd(x, y)`, which runs in place: torch.fx's own Proxy falls back to
+    `x + y`, so an alias of x (a saved skip tensor) would keep its old value in the captured graph."""
+
+    def _inplace(self, op, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    def __iadd__(self, other):
+        return self._inplace(operator.iadd, other)
+
+    def __isub__(self, other):
+        return self._inplace(operator.isub, other)
+
+    def __imul__(self, other):
+        return self._inplace(operator.imul, other)
+
+    def __itruediv__(self, other):
+        return self._inplace(operator.itruediv, other)
 
 
 class ActivationTracer(fx.Tracer):
@@ -154,6 +180,9 @@ class ActivationTracer(fx.Tracer):
         with _functions_as_leaves(root, self.leaf_functions):
             return super().trace(root, concrete_args)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
+
     # -- naming ------------------------------------------------------------------------------------------
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -170,22 +199,189 @@ def _drop_unused_get_attrs(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def capture(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
-    """Return an eval-mode GraphModule of a deep copy of `model`; `gm.meta["fxsparse_capture"]` says how."""
-    if not isinstance(model, nn.Module):
-        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model).eval()
-    tracer = ActivationTracer()
+CAPTURE_METHODS = ("auto", "fx", "export")
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def _defaults_beyond(model: nn.Module, n_inputs: int) -> Dict[str, Any]:
+    """Forward parameters the example call leaves at their defaults (`mask=None`), bound as concrete values so
+    that the graph is the program `model(*inputs)` runs, not one with a placeholder for every argument."""
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:
-        raise CaptureError(
-            f"symbolic tracing of {type(model).__name__} failed: {type(exc).__name__}: {exc}\n"
-            "Pass concrete_args for data-dependent arguments, or register the failing submodule class with "
-            "timm.layers.register_notrace_module so that it is kept as a leaf."
-        ) from exc
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params[n_inputs:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not inspect.Parameter.empty:
+            out[p.name] = p.default
+    return out
+
+
+def capture_fx(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
+    """Symbolic tracing with `ActivationTracer` (`model` must already be the eval-mode copy)."""
+    tracer = ActivationTracer()
+    graph = tracer.trace(model, concrete_args=concrete_args)
     _drop_unused_get_attrs(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    gm.eval()
     gm.meta["fxsparse_capture"] = tracer.report
+    return gm
+
+
+def _mark_export_paths(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Name ATen nodes by the innermost module that produced them (from `nn_module_stack`), and note when that
+    module is itself an activation, so sites read the same as on the FX path."""
+    from fxsparse.passes.kinds import kind_of_module
+
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = ""
+        if stack:
+            path = list(stack.values())[-1][0]
+            path = path if isinstance(path, str) else str(path)
+        node.meta[PATH_META] = path
+        if node.op == "call_function" and path:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            kind = kind_of_module(module)
+            if kind is not None and kind.matches_aten(node.target):
+                node.meta[ACTIVATION_MODULE_META] = True
+
+
+def capture_export(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """`torch.export.export(strict=False)`, batch dimension dynamic where the model allows it."""
+    from torch.export import Dim, export
+
+    with _quiet(("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")):
+        return _export(model, example_inputs)
+
+
+@contextlib.contextmanager
+def _quiet(names):
+    """Export attempts that fail (and fall back) log pages of guards and graphs; keep them to errors."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    from torch.export import Dim, export
+
+    args = tuple(example_inputs)
+    dynamic = tuple({0: Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in args)
+    attempts = [lambda: export(model, args, strict=False, dynamic_shapes=dynamic),
+                lambda: export(model, args, strict=False)]
+    program, first_error = None, None
+    for warmed in (False, True):
+        if warmed:  # modules that cache tensors on their first eval forward (timm's TinyViT attention biases)
+            with torch.no_grad():  # fill the cache for real; `model` is capture's own copy
+                model(*args)
+        for attempt in attempts:
+            try:
+                program = attempt()
+                break
+            except Exception as exc:
+                first_error = first_error or exc
+        if program is not None:
+            break
+    if program is None:
+        raise first_error
+    unlifted = program.module()
+    # a plain GraphModule over the same graph: the exported module refuses .eval()/.train(), which calibration
+    # and users call; the graph itself is the eval-mode program whatever the flag says
+    gm = fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)
+    _mark_export_paths(gm, model)
+    gm.meta["fxsparse_capture"] = CaptureReport(path="export")
+    return gm
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
+    method: str = "auto",
+    concrete_args: Optional[Dict[str, Any]] = None,
+) -> fx.GraphModule:
+    """An eval-mode GraphModule of a deep copy of `model`; `gm.meta["fxsparse_capture"]` says how and why.
+
+    method: "fx" (symbolic tracing), "export" (`torch.export`, needs example inputs), or "auto": FX when it
+    captures the model with every activation visible; `torch.export` when FX fails or leaves no-trace modules
+    opaque; FX with operators inside the opaque modules when export fails too.
+
+    With `example_inputs`, the graph is checked by running it on them (fake tensors: no compute) and every
+    node's shape is recorded for the splice pass (passes/shapes.py); a graph that does not run counts as a
+    failed capture.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    if method not in CAPTURE_METHODS:
+        raise CaptureError(f"capture method must be one of {CAPTURE_METHODS}, got {method!r}")
+    original = model
+    model = copy.deepcopy(original).eval()
+    reasons: Dict[str, str] = {}
+    fx_gm = None
+    if method in ("auto", "fx"):
+        if concrete_args is None and example_inputs is not None:
+            concrete_args = _defaults_beyond(model, len(example_inputs)) or None
+        try:
+            fx_gm = capture_fx(model, concrete_args)
+            if example_inputs is not None:
+                fx_gm.meta["fxsparse_shapes"] = propagate_shapes(fx_gm, example_inputs)
+        except Exception as exc:
+            reasons["fx"] = _first_line(exc)
+            fx_gm = None
+            if method == "fx":
+                raise CaptureError(f"FX capture of {type(model).__name__} failed: {reasons['fx']}") from exc
+        else:
+            opaque = fx_gm.meta["fxsparse_capture"].opaque_leaves
+            if method == "fx" or not opaque or example_inputs is None:
+                return _finish(fx_gm, reasons)
+            reasons["fx"] = f"left {len(opaque)} no-trace module(s) opaque: {', '.join(sorted(opaque)[:3])}"
+    if method in ("auto", "export") and example_inputs is not None:
+        try:  # a fresh copy: tracing can leave proxies in module caches (timm's attention-bias caches)
+            gm = capture_export(copy.deepcopy(original).eval(), example_inputs)
+            gm.meta["fxsparse_shapes"] = propagate_shapes(gm, example_inputs)
+            return _finish(gm, reasons)
+        except Exception as exc:
+            reasons["export"] = _first_line(exc)
+    elif method in ("auto", "export"):
+        reasons["export"] = "no example inputs to export with"
+    if fx_gm is not None:  # export failed where FX only left modules opaque: operators go inside them
+        return _finish(fx_gm, reasons)
+    if example_inputs is not None:
+        _check_model_runs(original, example_inputs)
+    detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise CaptureError(
+        f"no capture path could turn {type(model).__name__} into a graph ({detail}). For FX, pass concrete_args "
+        "for data-dependent arguments or register the failing submodule class with "
+        "timm.layers.register_notrace_module; for torch.export, pass example_inputs the model accepts.")
+
+
+def _check_model_runs(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> None:
+    """When every path failed: is it the inputs? Run a copy of the model on them and say so if it refuses."""
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).eval()(*example_inputs)
+    except Exception as exc:
+        shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+        raise CaptureError(
+            f"{type(model).__name__} itself fails on example inputs of shapes {shapes}: {_first_line(exc)}. "
+            "Pass example_inputs the model accepts (for timm models, the size in model.pretrained_cfg).") from exc
+
+
+def _finish(gm: fx.GraphModule, reasons: Dict[str, str]) -> fx.GraphModule:
+    gm.eval()
+    gm.meta["fxsparse_capture"].reasons = dict(reasons)
     return gm

@@ -1,4 +1,4 @@
-"""The `fxsparse` command (also `python -m fxsparse`): `demo` and `audit MODEL`."""
+"""The `fxsparse` command (also `python -m fxsparse`): `demo`, `audit MODEL` and `evaluate MODEL`."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,137 @@ def _cmd_audit(args) -> int:
     return 0
 
 
+def _load_split(path: str):
+    """An (x, y) pair from a file written with torch.save: a tuple/list (x, y) or a dict with x/y keys."""
+    from fxsparse.errors import FxsparseError
+
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError) as exc:
+        raise FxsparseError(f"cannot read data file {path}: {exc}") from exc
+    if isinstance(obj, dict):
+        obj = (obj.get("x", obj.get("images")), obj.get("y", obj.get("labels")))
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
+        raise FxsparseError(f"{path} must hold (x, y) tensors: torch.save((images, labels), path), or a dict "
+                            "with keys x and y")
+    return tuple(obj)
+
+
+def _evaluation_setup(args):
+    """(model, {calibration, validation, test}) for `fxsparse evaluate`."""
+    from fxsparse import demo
+    from fxsparse.zoo import load_model
+
+    splits = {}
+    if args.data == "digits" or args.model == "digits":
+        digits = demo.load_digits_splits(args.split_seed)
+        splits = {"calibration": digits["train"], "validation": digits["val"], "test": digits["test"]}
+    for key, path in (("calibration", args.calibration), ("validation", args.validation),
+                      ("test", args.data if args.data not in (None, "digits") else None)):
+        if path:
+            splits[key] = _load_split(path)
+    if args.model == "digits":
+        config = dict(demo.CONFIG, epochs=args.epochs, width=args.width)
+        model = demo.trained_model(digits, config, log=lambda m: print(m, file=sys.stderr))
+    else:
+        model, _ = load_model(args.model, pretrained=args.pretrained, device=args.device or "cpu")
+        if args.weights:
+            model.load_state_dict(torch.load(args.weights, weights_only=True, map_location="cpu"))
+    missing = [k for k in ("calibration", "test") if k not in splits] + (
+        ["validation"] if args.search and "validation" not in splits else [])
+    if missing:
+        from fxsparse.errors import FxsparseError
+
+        raise FxsparseError(f"fxsparse evaluate needs {' and '.join(missing)} data: give --data digits, or files "
+                            "with --calibration, --validation (for --search) and --data")
+    return model.eval(), splits
+
+
+def _cmd_evaluate(args) -> int:
+    import fxsparse
+
+    model, splits = _evaluation_setup(args)
+    if args.device:
+        model = model.to(args.device)
+    select = {"kinds": args.kinds} if args.kinds else None
+    from fxsparse.evaluation import iter_batches
+
+    calib = list(iter_batches(splits["calibration"], args.batch_size))
+    gm = fxsparse.sparsify(model, [x.to(args.device or "cpu") for x, _ in calib], alpha=0.0, select=select,
+                           placement=args.placement, progress=args.progress)
+    common = dict(eps=args.eps, norm=args.norm, seed=args.seed, batch_size=args.batch_size, progress=args.progress)
+    search = None
+    if args.search:
+        search = fxsparse.search_alpha(gm, splits["validation"], attack=args.search_attack, alphas=args.alphas,
+                                       max_clean_drop=args.max_clean_drop, strategy=args.strategy,
+                                       per_stage=args.per_stage, **common)
+    else:
+        fxsparse.set_alpha(gm, args.alpha)
+    reports = {}
+    if not args.no_baseline:
+        reports["original"] = fxsparse.evaluate(model, splits["test"], attacks=args.attacks,
+                                                max_examples=args.max_examples, **common)
+    reports["sparsified"] = fxsparse.evaluate(gm, splits["test"], attacks=args.attacks, search=search,
+                                              max_examples=args.max_examples, **common)
+    if args.format == "json":
+        import json
+
+        doc = {name: r.to_dict() for name, r in reports.items()}
+        doc["alpha"] = search.alpha if search else args.alpha
+        doc["placement"] = args.placement
+        if search:
+            doc["search"] = [vars(t) for t in search.table]
+        print(json.dumps(doc, indent=2))
+        return 0
+    if search:
+        print(f"## alpha search on the validation split\n\n{search.to_markdown()}")
+    alpha = search.alpha if search else args.alpha
+    for name, r in reports.items():
+        shown = "0 (no operators)" if name == "original" else alpha
+        print(f"## {name} model, alpha = {shown}, test split\n\n{r.to_markdown()}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    from fxsparse.evaluation import ATTACKS
+
+    ev = sub.add_parser("evaluate", help="clean, PGD, APGD, Square, AutoAttack accuracy, as is and with BPDA",
+                        description="Sparsify MODEL (calibrating on the calibration split), set or search alpha "
+                        "(on the validation split), and report every attack on the test split, on the model as is "
+                        "and through straight-through gradients (BPDA), beside the original model.")
+    ev.add_argument("model", help="'digits' (the demo's CNN, trained and cached) or a timm / torchvision name")
+    ev.add_argument("--data", help="'digits' or a torch.save'd (x, y) file of test images in [0, 1]")
+    ev.add_argument("--calibration", help="(x, y) file to calibrate on (training images)")
+    ev.add_argument("--validation", help="(x, y) file to search alpha on; disjoint from --data")
+    ev.add_argument("--weights", help="state_dict file for the model")
+    ev.add_argument("--attacks", nargs="+", default=["clean", "pgd", "square"], metavar="ATTACK",
+                    help=f"attacks with options, e.g. pgd:steps=50 square:queries=500; known: {', '.join(ATTACKS)}")
+    ev.add_argument("--eps", type=float, default=0.1, help="perturbation budget on [0, 1] inputs (default 0.1)")
+    ev.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    ev.add_argument("--alpha", type=float, default=0.2, help="alpha when not searching (default 0.2)")
+    ev.add_argument("--search", action="store_true", help="choose alpha on the validation split")
+    ev.add_argument("--search-attack", default="pgd", help="attack that scores alpha (BPDA mode), default pgd")
+    ev.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
+    ev.add_argument("--max-clean-drop", type=float, default=0.01, help="clean accuracy the search may lose")
+    ev.add_argument("--strategy", choices=("grid", "refine"), default="grid")
+    ev.add_argument("--per-stage", action="store_true", help="also tune one alpha per stage")
+    ev.add_argument("--placement", nargs="+", default=None, help="placement policies or a preset (swin, convnext)")
+    ev.add_argument("--kinds", nargs="+", help="activation kinds to select")
+    ev.add_argument("--max-examples", type=int, help="evaluate on the first N test images only")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--split-seed", type=int, default=0, help="seed of the digits split")
+    ev.add_argument("--epochs", type=int, default=30, help="digits model: PGD-AT epochs")
+    ev.add_argument("--width", type=int, default=32, help="digits model: width")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
+    ev.add_argument("--pretrained", choices=("auto", "never"), default="auto")
+    ev.add_argument("--no-baseline", action="store_true", help="skip the original model's row")
+    ev.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bars (default: when stderr is a terminal)")
+    ev.set_defaults(func=_cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxsparse", description="MeanSparse for any vision model")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--batch", type=int, default=4, help="batch size for --calibrate")
     audit.add_argument("--alpha", type=float, default=0.2, help="alpha to show with --calibrate")
     audit.set_defaults(func=_cmd_audit)
+    _add_evaluate(sub)
     return parser
 
 

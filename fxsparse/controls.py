@@ -5,12 +5,14 @@ import contextlib
 import fnmatch
 import math
 import threading
+import warnings
 from typing import Iterator, Mapping, Union
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from fxsparse.errors import CalibrationError, SelectionError
+from fxsparse.calibrate import PREPARE_META
+from fxsparse.errors import CalibrationError, NoActivationWarning, SelectionError
 from fxsparse.ops import MeanSparse, meansparse_ops
 
 
@@ -20,7 +22,8 @@ def _check_alpha(value, where: str) -> float:
     except (TypeError, ValueError):
         raise SelectionError(f"alpha for {where} must be a number, got {value!r}") from None
     if not math.isfinite(a) or a < 0:
-        raise SelectionError(f"alpha for {where} must be finite and >= 0, got {a}")
+        raise SelectionError(f"alpha for {where} must be finite and >= 0, got {a}: it is the band's half-width "
+                             "in standard deviations (0 leaves the model unchanged; 0.1 to 0.5 is typical)")
     return a
 
 
@@ -46,7 +49,7 @@ def set_alpha(model: nn.Module, alpha: Union[float, Mapping[str, float]]) -> nn.
     Alpha is a buffer changed in place, so a compiled model picks it up without recompiling.
     """
     ops = meansparse_ops(model)
-    if not ops:
+    if not ops and not (isinstance(model, fx.GraphModule) and PREPARE_META in model.meta):
         raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")
     if isinstance(alpha, Mapping):
         plan = []
@@ -56,6 +59,9 @@ def set_alpha(model: nn.Module, alpha: Union[float, Mapping[str, float]]) -> nn.
     else:
         a = _check_alpha(alpha, "every site")
         plan = [(op, a) for op in ops.values()]
+        if not ops:
+            warnings.warn(NoActivationWarning("the model has no MeanSparse operators (fxsparse.prepare found no "
+                                              "selected activation); alpha changes nothing"), stacklevel=2)
     uncalibrated = [op.site for op, a in plan if a > 0 and not op.calibrated]
     if uncalibrated:
         raise CalibrationError(f"site(s) {uncalibrated[:5]} are not calibrated; run fxsparse.calibrate before "

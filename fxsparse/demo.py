@@ -78,10 +78,11 @@ def batches(split: Tuple[torch.Tensor, torch.Tensor], size: int):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
 
-def train_pgd_at(splits, config=CONFIG, log=print) -> nn.Module:
-    """Madry-style adversarial training: every step trains on PGD examples of the current model."""
+def train_pgd_at(splits, config=CONFIG, log=print, model: Optional[nn.Module] = None) -> nn.Module:
+    """Madry-style adversarial training: every step trains on PGD examples of the current model (a DigitsCNN
+    unless `model` is given, e.g. with other activations, by benchmarks/reproduce.py)."""
     torch.manual_seed(config["seed"])
-    model = DigitsCNN(config["width"])
+    model = DigitsCNN(config["width"]) if model is None else model
     x, y = splits["train"]
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps_per_epoch = (len(x) + config["batch"] - 1) // config["batch"]

@@ -15,3 +15,11 @@ class CalibrationError(FxsparseError):
 
 class SelectionError(FxsparseError):
     """A selection, a site name or an alpha value does not fit the model."""
+
+
+class PersistenceError(FxsparseError):
+    """A saved file is unreadable, corrupt, or does not match the model it is loaded into."""
+
+
+class NoActivationWarning(UserWarning):
+    """The model has no selected activation: fxsparse leaves it unchanged rather than failing."""

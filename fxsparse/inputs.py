@@ -43,6 +43,8 @@ def default_example_inputs(model: nn.Module, batch: int = 2) -> Tuple[torch.Tens
 def as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, Sequence):
+    if (isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str)
+            and all(isinstance(t, torch.Tensor) for t in example_inputs)):
         return tuple(example_inputs)
-    raise FxsparseError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    raise FxsparseError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+                        " (pass a batch like the ones the model takes)")

@@ -9,6 +9,9 @@ and `torch.where` returns the input's own bits.
 """
 from __future__ import annotations
 
+import functools
+import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +28,91 @@ class _StraightThroughWhere(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None, None
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """True when `x` covers its memory without gaps or overlap, in any dimension order (contiguous,
+    channels-last, permuted); elementwise ops then keep its layout. Reads shapes only: no device sync."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(x.shape, x.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _band(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return torch.where((x - mean).abs() < threshold, mean, x)
+
+
+# Eager mode runs the four elementwise ops above as four passes over memory. Opt-in (FXSPARSE_FUSED_EAGER=1):
+# large tensors go through one kernel compiled by Inductor instead, every dense layout viewed as
+# (outer, C, inner) so that one compiled kernel (dynamic shapes) serves all ranks, channel axes and sizes.
+# Under torch.compile / export / tracing / dispatch modes the plain ops are used (and Inductor fuses them);
+# if compiling fails (recompile limit, no compiler), the plain ops are used from then on.
+FUSED_EAGER = os.environ.get("FXSPARSE_FUSED_EAGER", "0") == "1"
+FUSED_MIN_ELEMENTS = 1 << 16
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_band():
+    return torch.compile(_band, dynamic=True)
+
+
+def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+    """x viewed as (outer, C, inner) without copying, or None when its layout does not allow it."""
+    d = dim % x.dim()
+    if x.is_contiguous():
+        outer = math.prod(x.shape[:d])
+        return x.view(outer, x.shape[d], -1)
+    if x.dim() == 4 and d == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).view(-1, x.shape[1], 1)
+    return None
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    if not FUSED_EAGER or x.numel() < FUSED_MIN_ELEMENTS or type(x) is not torch.Tensor:
+        return False
+    if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is None
+
+
+def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
+                inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
+    """The operator as a function of its state (MeanSparse.forward, and the compile backend's graphs)."""
+    if not straight_through and not inplace and _use_fused(x):
+        x3 = _as_3d(x, dim)
+        if x3 is not None:
+            m3 = mean.to(x.dtype).view(1, -1, 1)
+            t3 = (alpha * std).to(x.dtype).view(1, -1, 1)
+            try:
+                y3 = _fused_band()(x3, m3, t3)
+            except Exception:  # keep serving with the plain ops
+                globals()["FUSED_EAGER"] = False
+                return mean_sparse(x, mean, std, alpha, dim, inplace, straight_through)
+            if x.is_contiguous():
+                return y3.view(x.shape)
+            n, c, h, w = x.shape
+            return y3.view(n, h, w, c).permute(0, 3, 1, 2)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    mean = mean.to(x.dtype).view(shape)
+    threshold = (alpha * std).to(x.dtype).view(shape)
+    if straight_through:
+        y = _StraightThroughWhere.apply(x, mean, threshold)
+    else:
+        y = _band(x, mean, threshold)
+    if inplace:
+        return x.copy_(y)
+    if not _dense(x):
+        # `where` compacts a view with gaps (a slice of a split); the activation would then run on another
+        # memory layout and may round differently. Keep the input's strides so alpha = 0 stays bit-exact.
+        out = torch.empty_strided(x.size(), x.stride(), dtype=y.dtype, device=y.device)
+        return out.copy_(y)
+    return y
 
 
 class MeanSparse(nn.Module):
@@ -49,8 +137,9 @@ class MeanSparse(nn.Module):
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
         self.register_buffer("alpha", torch.zeros(()))
-        # Number of calibration elements per channel behind `mean`/`std`; 0 means uncalibrated.
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        # Number of calibration elements per channel behind `mean`/`std`; 0 means uncalibrated. An integer, so
+        # that casting the model to float16 neither rounds nor overflows it.
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.straight_through = False
         # Set by fxsparse.calibrate while it observes this site's input; None otherwise.
         self.observer: Optional[Callable[[torch.Tensor], None]] = None
@@ -72,25 +161,11 @@ class MeanSparse(nn.Module):
     def calibrated(self) -> bool:
         return not self.count.is_meta and bool(self.count > 0)
 
-    def _broadcast(self, x: torch.Tensor):
-        shape = [1] * x.dim()
-        shape[self.dim] = -1
-        mean = self.mean.to(x.dtype).view(shape)
-        threshold = (self.alpha * self.std).to(x.dtype).view(shape)
-        return mean, threshold
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(x)
             return x
-        mean, threshold = self._broadcast(x)
-        if self.straight_through:
-            y = _StraightThroughWhere.apply(x, mean, threshold)
-        else:
-            y = torch.where((x - mean).abs() < threshold, mean, x)
-        if self.inplace:
-            return x.copy_(y)
-        return y
+        return mean_sparse(x, self.mean, self.std, self.alpha, self.dim, self.inplace, self.straight_through)
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""

@@ -3,11 +3,13 @@
 The answer comes from the op that produced the tensor: convolutions and batch/group/instance norms give
 channel-first features (dim 1: NCHW, (B, C, L), (B, C)); Linear, LayerNorm, RMSNorm and matmuls give
 channel-last ones (the last dim: (B, N, C) tokens, NHWC blocks). Elementwise ops, dropout and layout-neutral
-methods are looked through; permutes and transposes move the axis; model inputs count as channel-first. When no producer is recognised, the rank
+methods, splits and same-rank slices are looked through; permutes and transposes move the axis (the same rules cover the ATen ops of
+`torch.export` graphs); model inputs count as channel-first. When no producer is recognised, the rank
 decides (4-D and up and 2-D: dim 1; 3-D: last dim), and the rule says so, so the audit can show it.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional, Tuple
 
@@ -62,6 +64,26 @@ if hasattr(F, "rms_norm"):
     _LAST_FUNCTIONS.add(F.rms_norm)
 _LAST_METHODS = {"matmul", "bmm", "baddbmm"}
 
+
+def _aten(*names: str) -> set:
+    return {getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n)}
+
+
+# ATen packets, for graphs captured by torch.export
+_FIRST_ATEN = _aten("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
+                    "conv_transpose3d", "batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
+                    "_native_batch_norm_legit", "cudnn_batch_norm", "group_norm", "native_group_norm",
+                    "instance_norm", "mkldnn_convolution")
+_LAST_ATEN = _aten("linear", "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "matmul", "mm", "bmm",
+                   "addmm", "baddbmm")
+_PASS_ATEN = _aten("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "clone", "contiguous", "dropout",
+                   "native_dropout", "alias", "detach", "_to_copy", "to", "neg", "abs", "clamp", "clamp_", "pad",
+                   "constant_pad_nd", "masked_fill", "masked_fill_", "where")
+
+
+def _packet(target):
+    return getattr(target, "overloadpacket", None)
+
 # Ops whose output has the layout of their (first same-shaped) tensor input.
 _PASS_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
@@ -104,17 +126,68 @@ def _producer_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[str, str
             return "first", getattr(node.target, "__name__", str(node.target))
         if node.target in _LAST_FUNCTIONS:
             return "last", getattr(node.target, "__name__", str(node.target))
+        packet = _packet(node.target)
+        if packet in _FIRST_ATEN:
+            return "first", f"aten.{packet.__name__}"
+        if packet in _LAST_ATEN:
+            return "last", f"aten.{packet.__name__}"
     if node.op == "call_method" and node.target in _LAST_METHODS:
         return "last", node.target
     return None
 
 
+_SPLIT_NAMES = {"split", "chunk", "tensor_split", "split_with_sizes"}
+
+
+def _is_split(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SPLIT_NAMES
+    if node.op == "call_function":
+        packet = _packet(node.target)
+        name = packet.__name__ if packet is not None else getattr(node.target, "__name__", "")
+        return name in _SPLIT_NAMES
+    return False
+
+
+_RESHAPE_NAMES = {"reshape", "view", "flatten", "unflatten", "_unsafe_view"}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _RESHAPE_NAMES
+    if node.op == "call_function":
+        packet = _packet(node.target)
+        name = packet.__name__ if packet is not None else getattr(node.target, "__name__", "")
+        return name in _RESHAPE_NAMES
+    return False
+
+
+def _through_reshape(gm: fx.GraphModule, node: fx.Node, depth: int) -> Optional[Tuple[int, str]]:
+    """A reshape that keeps the channel axis whole moves it to the output axis with the same number of
+    elements before it (tokens (B, N, C) -> (B, H, W, C); (B, C*k) views are not followed)."""
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    in_shape, out_shape = (node_shape(src) if src is not None else None), node_shape(node)
+    if not in_shape or not out_shape:
+        return None
+    found = _infer(gm, src, len(in_shape), depth + 1)
+    if found is None:
+        return None
+    d_in, name = found
+    before = math.prod(in_shape[:d_in])
+    for k in range(len(out_shape)):
+        if math.prod(out_shape[:k]) == before and out_shape[k] == in_shape[d_in]:
+            return k, f"{name}+reshape"
+    return None
+
+
 def _permutation(node: fx.Node, ndim: int) -> Optional[Tuple[fx.Node, list]]:
     """(input node, perm) for permute/transpose nodes, with out[i] = in[perm[i]]."""
+    packet = _packet(node.target) if node.op == "call_function" else None
     is_permute = (node.op == "call_method" and node.target == "permute") or (
-        node.op == "call_function" and node.target is torch.permute)
+        node.op == "call_function" and (node.target is torch.permute or packet is torch.ops.aten.permute))
     is_transpose = (node.op == "call_method" and node.target in ("transpose", "swapaxes")) or (
-        node.op == "call_function" and node.target in (torch.transpose, torch.swapaxes))
+        node.op == "call_function" and (node.target in (torch.transpose, torch.swapaxes)
+                                        or packet in (torch.ops.aten.transpose, torch.ops.aten.swapaxes)))
     if not (is_permute or is_transpose) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     src = node.args[0]
@@ -141,6 +214,8 @@ def _infer(gm: fx.GraphModule, node: fx.Node, ndim: int, depth: int) -> Optional
     if rule is not None:
         side, name = rule
         return (1 if ndim > 1 else 0, name) if side == "first" else (ndim - 1, name)
+    if _is_reshape(node):
+        return _through_reshape(gm, node, depth)
     perm = _permutation(node, ndim)
     if perm is not None:
         src, order = perm
@@ -149,17 +224,26 @@ def _infer(gm: fx.GraphModule, node: fx.Node, ndim: int, depth: int) -> Optional
             return None
         dim, name = found
         return order.index(dim), f"{name}+permute"
-    passes = (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or (
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        if node.args[1] == 0 and _producer_rule(gm, src) is not None:
+            return _infer(gm, src, ndim, depth + 1)  # output 0 of native_batch_norm and friends
+        if _is_split(src) and isinstance(src.args[0], fx.Node):
+            return _infer(gm, src.args[0], ndim, depth + 1)  # a piece of a split keeps its axes
+        if node_shape(src) is not None and len(node_shape(src)) == ndim:
+            return _infer(gm, src, ndim, depth + 1)  # same-rank slicing, x[..., :k]
+    passes = (node.op == "call_function" and (node.target in _PASS_FUNCTIONS or _packet(node.target) in _PASS_ATEN)) or (
         node.op == "call_method" and node.target in _PASS_METHODS) or node.op == "call_module" and isinstance(
         _module(gm, node), (nn.Identity, nn.modules.dropout._DropoutNd, MeanSparse))
     if not passes:
         # activations and other elementwise modules keep the layout too
-        from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
+        from fxsparse.passes.kinds import kind_of_aten, kind_of_function, kind_of_method, kind_of_module
 
         if node.op == "call_module":
             passes = kind_of_module(_module(gm, node)) is not None if _module(gm, node) is not None else False
         elif node.op == "call_function":
-            passes = kind_of_function(node.target) is not None
+            passes = kind_of_function(node.target) is not None or (
+                _packet(node.target) is not None and kind_of_aten(node.target) is not None)
         elif node.op == "call_method":
             passes = kind_of_method(node.target) is not None
     if passes:

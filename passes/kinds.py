@@ -223,3 +223,11 @@ def _register_builtin_kinds() -> None:
 
 
 _register_builtin_kinds()
+
+
+def kind_of_module_class(cls: type) -> Optional[ActivationKind]:
+    """Like kind_of_module, for a class (Dynamo records module classes, not instances)."""
+    for kind in activation_kinds():
+        if kind.modules and issubclass(cls, kind.modules):
+            return kind
+    return None

@@ -2,22 +2,27 @@
 
 A site is one activation *call*: a module called twice (torchvision's BasicBlock reuses `self.relu`) gives
 two sites, `layer1.0.relu` and `layer1.0.relu_1`, because each call sees different statistics. An activation
-module inside an opaque leaf is a site too (`inner` names it relative to the leaf).
+module inside an opaque leaf is a site too (`inner` names it relative to the leaf), and so is an activation
+written as several ops (passes/composites.py: `source` is its input, `consumers` the ops that read it).
+On `torch.export` graphs the ATen ops of each kind are matched and named by `nn_module_stack`.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import inspect
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import fx, nn
 
 from fxsparse.errors import SelectionError
-from fxsparse.passes.kinds import (ActivationKind, activation_kinds, activation_module_classes, get_kind,
+from fxsparse.passes.composites import find_composites
+from fxsparse.passes.kinds import (ActivationKind, activation_module_classes, get_kind, kind_of_aten,
                                    kind_of_function, kind_of_method, kind_of_module)
 
 PATH_META = "fxsparse_path"
+ACTIVATION_MODULE_META = "fxsparse_activation_module"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +52,8 @@ def as_selection(select: Union[None, Selection, Mapping[str, Any], str, Iterable
         unknown = set(select) - {"kinds", "include", "exclude"}
         if unknown:
             raise SelectionError(f"unknown selection keys {sorted(unknown)}; use kinds, include, exclude")
-        sel = Selection(**{k: (tuple(v) if not isinstance(v, str) else (v,)) for k, v in select.items()})
+        sel = Selection(**{k: (tuple(v) if not isinstance(v, str) else (v,)) for k, v in select.items()
+                           if v is not None})  # None: that field's default
     elif isinstance(select, str):
         sel = Selection(kinds=(select,))
     else:
@@ -66,11 +72,16 @@ class Site:
     node: fx.Node             # the activation node (for an inner site: the opaque leaf's node)
     inplace: bool
     inner: Optional[str] = None  # activation path inside the opaque leaf `node.target`
+    source: Optional[fx.Node] = None  # composite activations: their shared input x ...
+    consumers: Optional[List[fx.Node]] = None  # ... and the pattern nodes that read x
+    policy: str = "activations"  # the placement policy that chose the site (passes/placement.py)
+    axis: Optional[Tuple[int, str]] = None  # (channel dim, rule) when the placement pass already knows it
 
 
 def _bound_inplace(fn, node: fx.Node) -> bool:
-    if getattr(fn, "__name__", "").endswith("_"):
-        return True
+    if _short_name(fn) != (getattr(getattr(fn, "overloadpacket", None), "__name__", None)
+                           or getattr(fn, "__name__", "")):
+        return True  # the name lost a trailing underscore: relu_, aten.silu_, ...
     if node.kwargs.get("inplace") is True:
         return True
     try:
@@ -81,45 +92,64 @@ def _bound_inplace(fn, node: fx.Node) -> bool:
 
 
 def _short_name(target) -> str:
-    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        name = packet.__name__
+    else:
+        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
     return name.rstrip("_") or name
 
 
+def _scoped(node: fx.Node, leaf_name: str) -> str:
+    scope = node.meta.get(PATH_META, "")
+    return f"{scope}.{leaf_name}" if scope else leaf_name
+
+
 def _raw_sites(gm: fx.GraphModule):
-    """(path, kind, node, inplace, inner) for every activation call in graph order."""
+    """(path, kind, node, inplace, inner, composite) for every activation call in graph order."""
     classes = activation_module_classes()
+    composites = {c.output: c for c in find_composites(gm)}
+    claimed = {n for c in composites.values() for n in c.nodes}
     for node in gm.graph.nodes:
+        if node in composites:
+            c = composites[node]
+            yield _scoped(node, c.kind), get_kind(c.kind), node, c.inplace, None, c
+            continue
+        if node in claimed:
+            continue
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             kind = kind_of_module(mod)
             if kind is not None:
-                yield node.target, kind, node, bool(getattr(mod, "inplace", False)), None
+                yield node.target, kind, node, bool(getattr(mod, "inplace", False)), None, None
                 continue
             for inner_path, inner in mod.named_modules():
                 if not inner_path or not isinstance(inner, classes):
                     continue
                 inner_kind = kind_of_module(inner)
                 yield (f"{node.target}.{inner_path}", inner_kind, node,
-                       bool(getattr(inner, "inplace", False)), inner_path)
+                       bool(getattr(inner, "inplace", False)), inner_path, None)
         elif node.op == "call_function":
             kind = kind_of_function(node.target)
+            if kind is None and isinstance(node.target, torch._ops.OpOverload):
+                kind = kind_of_aten(node.target)
             if kind is not None:
-                scope = node.meta.get(PATH_META, "")
-                path = f"{scope}.{_short_name(node.target)}" if scope else _short_name(node.target)
-                yield path, kind, node, _bound_inplace(node.target, node), None
+                if node.meta.get(ACTIVATION_MODULE_META):  # export graph: the op of an activation module
+                    path = node.meta.get(PATH_META, "")
+                else:
+                    path = _scoped(node, _short_name(node.target))
+                yield path, kind, node, _bound_inplace(node.target, node), None, None
         elif node.op == "call_method":
             kind = kind_of_method(node.target)
             if kind is not None:
-                scope = node.meta.get(PATH_META, "")
-                path = f"{scope}.{_short_name(node.target)}" if scope else _short_name(node.target)
-                yield path, kind, node, node.target.endswith("_"), None
+                yield _scoped(node, _short_name(node.target)), kind, node, node.target.endswith("_"), None, None
 
 
 def _skip_nested(raw):
     """An activation module nested inside another one (a user kind wrapping nn.ReLU) is one site."""
     taken: List[str] = []
     for item in raw:
-        path, _, _, _, inner = item
+        path, _, _, _, inner, _ = item
         if inner is not None and any(path.startswith(t + ".") for t in taken):
             continue
         taken.append(path)
@@ -132,7 +162,7 @@ def locate(gm: fx.GraphModule, select=None) -> List[Site]:
     sites: List[Site] = []
     used = {name for name, _ in gm.named_modules()}
     seen: dict = {}
-    for path, kind, node, inplace, inner in _skip_nested(_raw_sites(gm)):
+    for path, kind, node, inplace, inner, composite in _skip_nested(_raw_sites(gm)):
         if not selection.takes_kind(kind):
             continue
         count = seen.get(path, 0)
@@ -144,5 +174,8 @@ def locate(gm: fx.GraphModule, select=None) -> List[Site]:
         if not (selection.takes_path(name) or selection.takes_path(path)):
             continue
         used.add(f"{name}_meansparse")
-        sites.append(Site(name, path, kind.name, node, inplace, inner))
+        site = Site(name, path, kind.name, node, inplace, inner)
+        if composite is not None:
+            site.source, site.consumers = composite.source, list(composite.consumers)
+        sites.append(site)
     return sites

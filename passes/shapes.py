@@ -80,9 +80,41 @@ class _RealProp(ShapeProp):
         return out
 
 
+class _PreservedState:
+    """Module forwards may write into their own state (convit re-assigns a buffer, timm's TinyViT fills an
+    attention-bias cache). Shape propagation must leave no fake tensor behind: this snapshot restores buffers
+    and tensor, dict and list attributes of the leaf modules (and their children) as they were."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.saved = []
+        leaves = {gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        for leaf in leaves:
+            for m in leaf.modules():
+                attrs = {k: (v, dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else None)
+                         for k, v in vars(m).items()
+                         if isinstance(v, (torch.Tensor, dict, list)) and not k.startswith("_")}
+                self.saved.append((m, dict(m._buffers), attrs, set(vars(m))))
+
+    def restore(self) -> None:
+        for m, buffers, attrs, names in self.saved:
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            for k in set(vars(m)) - names:
+                delattr(m, k)
+            for k, (value, contents) in attrs.items():
+                if isinstance(value, dict):
+                    value.clear()
+                    value.update(contents)
+                elif isinstance(value, list):
+                    value[:] = contents
+                m.__dict__[k] = value
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> str:
-    """Annotate `gm` with shapes; returns "fake" or "real" for the method that worked."""
+    """Annotate `gm` with shapes; returns "fake" or "real" for the method that worked. Module state is left as
+    it was (see _PreservedState)."""
     recorder = _InnerShapeRecorder(gm)
+    state = _PreservedState(gm)
     try:
         try:
             from torch._subclasses.fake_tensor import FakeTensorMode
@@ -92,12 +124,14 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
                 _FakeProp(gm, mode, recorder).propagate(*example_inputs)
             return "fake"
         except Exception:
+            state.restore()
             for node in gm.graph.nodes:
                 node.meta.pop(INNER_META, None)
             try:
                 with torch.no_grad():
                     _RealProp(gm, recorder).propagate(*example_inputs)
             except Exception as exc:
+                state.restore()
                 shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
                 raise FxsparseError(
                     f"the captured model does not run on example inputs of shapes {shapes}: "
@@ -105,6 +139,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
             return "real"
     finally:
         recorder.remove()
+        state.restore()
 
 
 def node_shape(node: fx.Node) -> Tuple[int, ...] | None:

@@ -11,7 +11,7 @@ user's model) and applied by a forward pre-hook on the activation.
 """
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Tuple
 
 import torch
 from torch import fx, nn
@@ -42,35 +42,46 @@ def _activation_input(node: fx.Node) -> fx.Node:
     raise FxsparseError(f"cannot find the tensor input of activation node {node.name} ({node.format_node()})")
 
 
-def _state_device(gm: fx.GraphModule) -> torch.device:
+def _state_device(gm: fx.GraphModule) -> Tuple[torch.device, torch.dtype]:
+    """Where the model's state lives and its floating dtype: operators are made alike, so that preparing a
+    half-precision model and casting a prepared one give the same buffers."""
+    device, dtype = None, torch.float32
     for t in list(gm.parameters()) + list(gm.buffers()):
-        return t.device
-    return torch.device("cpu")
+        device = device or t.device
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return device or torch.device("cpu"), dtype
 
 
 def _make_op(site: Site, shape, dim: int, rule: str, device) -> MeanSparse:
-    op = MeanSparse(shape[dim], dim, inplace=site.inplace).to(device)
+    op = MeanSparse(shape[dim], dim, inplace=site.inplace).to(device[0])
+    op.mean.data, op.std.data = op.mean.to(device[1]), op.std.to(device[1])
+    op.alpha.data = op.alpha.to(device[1])
     op.site, op.module_path, op.kind, op.axis_rule = site.name, site.module_path, site.kind, rule
+    op.policy = site.policy
     return op
 
 
 def _splice_graph_site(gm: fx.GraphModule, site: Site, device) -> None:
     act = site.node
-    inp = _activation_input(act)
+    inp = site.source if site.source is not None else _activation_input(act)
+    consumers = site.consumers or [act]
     shape = node_shape(inp)
     if shape is None:
         raise FxsparseError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
-    dim, rule = infer_channel_dim(gm, inp, len(shape))
+    dim, rule = site.axis if site.axis is not None else infer_channel_dim(gm, inp, len(shape))
     op = _make_op(site, shape, dim, rule, device)
     op.node = act.name
     target = f"{site.name}_meansparse"
     gm.add_submodule(target, op)
-    with gm.graph.inserting_before(act):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    with gm.graph.inserting_before(min(consumers, key=order.__getitem__)):
         new = gm.graph.call_module(target, (inp,))
     new.meta[PATH_META] = target
     new.meta[SHAPE_META] = shape
     new.meta["fxsparse_site"] = site.name
-    act.replace_input_with(inp, new)
+    for consumer in consumers:
+        consumer.replace_input_with(inp, new)
 
 
 def _splice_inner_site(gm: fx.GraphModule, site: Site, device) -> None:

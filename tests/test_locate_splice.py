@@ -116,6 +116,25 @@ def test_inplace_activation_keeps_aliasing_semantics():
         assert torch.equal(out, s + s)
 
 
+def test_activation_on_a_split_view_stays_bit_exact():
+    class Gated(nn.Module):  # MambaOut-style gating: GELU on one slice of a split
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(W, 3 * 40)
+
+        def forward(self, x):
+            g, i = torch.split(self.fc(x), [40, 80], dim=-1)
+            return F.gelu(g) * i[..., :40]
+
+    torch.manual_seed(0)
+    model = Gated().eval()
+    x = torch.randn(3, C, H, W)
+    gm = fxsparse.prepare(model, x)
+    assert [(r.kind, r.dim, r.channels) for r in fxsparse.audit(gm)] == [("gelu", 3, 40)]
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
 def test_residual_skip_reads_the_original_tensor():
     model = Steps([("conv",), ("save",), ("act", SPELLINGS[0]), ("conv",), ("add",)]).eval()
     gm = fxsparse.sparsify(model, [_input() for _ in range(2)], alpha=10.0)  # replaces nearly everything

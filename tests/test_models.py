@@ -48,18 +48,22 @@ def test_resnet_reused_relu_gets_one_operator_per_call():
     assert sites[:3] == ["relu", "layer1.0.relu", "layer1.0.relu_1"]
 
 
-def test_opaque_leaf_gets_operators_inside():
+def test_opaque_leaf_gets_operators_inside_on_fx_and_export_by_default():
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model("mobilevit_xxs").eval()
     x = torch.randn(2, 3, 64, 64)
-    gm = fxsparse.prepare(model, x)
+    gm = fxsparse.prepare(model, x, capture="fx")
     report = fxsparse.audit(gm).capture
-    assert "stages.2.1" in report["opaque_leaves"]
+    assert report["path"] == "fx" and "stages.2.1" in report["opaque_leaves"]
     assert len(fxsparse.audit(gm)) == count_activation_module_calls(model, x)
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
+    auto = fxsparse.prepare(model, x)
+    report = fxsparse.audit(auto).capture
+    assert report["path"] == "export" and "opaque" in report["reasons"]["fx"]
+    assert [r.site for r in fxsparse.audit(auto)] == [r.site for r in fxsparse.audit(gm)]
 
 
 def test_meta_device_structure_only():

@@ -1,4 +1,5 @@
 """Property tests of the MeanSparse operator itself."""
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
@@ -122,3 +123,40 @@ def test_module_dtype_cast_keeps_working():
     op = op.half()
     x = torch.zeros(2, 4, 3, dtype=torch.float16)
     assert op(x).dtype == torch.float16
+
+
+@given(cases(dtypes=[torch.float32, torch.bfloat16]))
+def test_views_with_gaps_keep_their_strides(case):
+    """A slice of a split has gaps; the operator's output keeps its strides, so a following activation runs on
+    the same memory layout as in the original program (and rounds the same way)."""
+    op, x = case
+    wide = torch.cat([x, x, x], dim=-1)
+    view = wide[..., : x.shape[-1]]
+    y = op(view)
+    strides = lambda t: [st for sz, st in zip(t.shape, t.stride()) if sz > 1]  # noqa: E731
+    assert strides(y) == strides(view)
+    assert torch.equal(y, op(view.contiguous()))
+
+
+@pytest.mark.parametrize("shape,dim,channels_last", [((2, 8, 9, 7), 1, False), ((2, 8, 9, 7), 1, True),
+                                                     ((3, 11, 16), 2, False), ((5, 12), 1, False)])
+def test_fused_eager_kernel_equals_plain_ops(monkeypatch, shape, dim, channels_last):
+    """Large inputs take one compiled kernel in eager mode; it must give the plain ops' bits and gradients."""
+    import fxsparse.ops as ops
+
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 2
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    mean, std = torch.randn(shape[dim]), torch.rand(shape[dim]) + 0.1
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(ops, "FUSED_EAGER", fused)
+        monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
+        xi = x.clone().requires_grad_(True)
+        y = ops.mean_sparse(xi, mean, std, torch.tensor(0.4), dim)
+        (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
+        results.append((y.detach(), y.stride(), xi.grad))
+        assert torch.equal(ops.mean_sparse(x, mean, std, torch.tensor(0.0), dim), x)
+    (y1, s1, g1), (y2, s2, g2) = results
+    assert torch.equal(y1, y2) and s1 == s2 == x.stride() and torch.equal(g1, g2)

@@ -1,0 +1,214 @@
+"""A `torch.compile` backend that applies the MeanSparse pass to the graphs Dynamo hands it.
+
+For models that no capture path handles whole (Python control flow on tensor values, unsupported calls),
+Dynamo still compiles them, as several graphs with breaks in between. The backend runs locate + splice on
+each graph (site names are the module paths Dynamo records, normalised to read like the model's attributes)
+and then delegates to Inductor (or any backend named by `compiler`).
+
+Two phases, because statistics must exist before the operators can act:
+
+    calib = fxsparse.backend()                       # no statistics: calibration mode, runs eagerly
+    seen = torch.compile(model, backend=calib)
+    for x in loader: seen(x)                         # each operator observes its input, output unchanged
+    stats = calib.statistics()                       # {site: {"mean", "std", "count"}}
+
+    fast = torch.compile(model, backend=fxsparse.backend(stats, alpha=0.2))
+
+Statistics from a sparsified GraphModule work too: `fxsparse.backend(fxsparse.statistics(gm), alpha=0.2)`
+(site names agree when the graphs agree). `set_alpha` on the backend changes every operator in place:
+compiled code reads alpha as a buffer, so nothing recompiles.
+
+Limit: site names are made per Dynamo graph; if a graph break falls between two calls of the same module,
+both calls get the same name (and share statistics).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+from torch import fx, nn
+
+from fxsparse.calibrate import ChannelStats
+from fxsparse.errors import CalibrationError, SelectionError
+from fxsparse.ops import MeanSparse, mean_sparse, meansparse_ops
+from fxsparse.passes.kinds import kind_of_module_class
+from fxsparse.passes.locate import ACTIVATION_MODULE_META, PATH_META, locate
+from fxsparse.passes.shapes import SHAPE_META
+from fxsparse.passes.splice import splice
+
+Statistics = Dict[str, Dict[str, torch.Tensor]]
+
+
+def statistics(model: nn.Module) -> Statistics:
+    """The calibrated statistics of every MeanSparse site of `model`, by site name (CPU tensors)."""
+    out = {}
+    for site, op in meansparse_ops(model).items():
+        if op.calibrated:
+            out[site] = {"mean": op.mean.detach().cpu().clone(), "std": op.std.detach().cpu().clone(),
+                         "count": op.count.detach().cpu().clone()}
+    return out
+
+
+_PATH_RULES = [
+    (re.compile(r"^L\['self'\]\.?"), ""),
+    (re.compile(r"^L\['(\w+)'\]\.?"), ""),
+    (re.compile(r"_modules\['([^']+)'\]"), r"\1"),
+    (re.compile(r"\['([^']+)'\]"), r".\1"),
+    (re.compile(r"\[(\d+)\]"), r".\1"),
+]
+_GETATTR = re.compile(r"getattr\(([^()]*), '([^']+)'\)")
+
+
+def module_path(dynamo_path: str) -> str:
+    """"L['self'].layer1[0].relu" -> "layer1.0.relu" (Dynamo's source strings to attribute paths)."""
+    path = str(dynamo_path)
+    while _GETATTR.search(path):
+        path = _GETATTR.sub(r"\1.\2", path)
+    for pattern, repl in _PATH_RULES:
+        path = pattern.sub(repl, path)
+    return path.strip(".")
+
+
+def _annotate(gm: fx.GraphModule) -> None:
+    """Module paths and shapes on every node, as capture and shape propagation leave them."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path, cls = "", None
+        if stack:
+            raw, cls = list(stack.values())[-1]
+            path = module_path(raw)
+        node.meta[PATH_META] = path
+        if isinstance(cls, type) and kind_of_module_class(cls) is not None:
+            node.meta[ACTIVATION_MODULE_META] = True
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            node.meta[SHAPE_META] = tuple(int(s) for s in value.shape)
+
+
+def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of Dynamo's graph (Dynamo reads its own graph again after the backend)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph, type(gm).__name__)
+
+
+def _state_as_inputs(gm: fx.GraphModule) -> List[torch.Tensor]:
+    """Rewrite each MeanSparse call into `mean_sparse(x, mean, std, alpha, ...)` whose state tensors are extra
+    graph inputs, and drop the submodules: the compiler behind Dynamo accepts only the parameters and buffers
+    Dynamo itself registered. Returns the state tensors in input order (the modules' own buffers, so alpha
+    changed in place is seen by the compiled code)."""
+    state: List[torch.Tensor] = []
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), MeanSparse):
+            continue
+        op = gm.get_submodule(node.target)
+        inputs = []
+        for field in ("mean", "std", "alpha"):
+            with gm.graph.inserting_after(last_input):
+                last_input = gm.graph.placeholder(f"fxsparse_{node.target.replace('.', '_')}_{field}")
+            tensor = getattr(op, field)
+            last_input.meta["example_value"] = tensor
+            inputs.append(last_input)
+            state.append(tensor)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(mean_sparse, (node.args[0], *inputs, op.dim, op.inplace))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+    gm.graph.lint()
+    gm.recompile()
+    return state
+
+
+class MeanSparseBackend:
+    """See the module docstring. Call it as a `torch.compile` backend."""
+
+    def __init__(self, stats: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None, alpha=0.0, *,
+                 select=None, compiler: Union[str, Callable] = "inductor", strict: bool = True):
+        self.calibrating = stats is None
+        self.stats = {k: dict(v) for k, v in (stats or {}).items()}
+        self.alpha = alpha
+        self.select = select
+        self.compiler = compiler
+        self.strict = strict
+        self.ops: Dict[str, List[MeanSparse]] = {}
+        self._accumulators: Dict[str, ChannelStats] = {}
+
+    # -- the backend -------------------------------------------------------------------------------------
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        gm = _own_copy(gm)
+        _annotate(gm)
+        sites = locate(gm, self.select)
+        if sites:
+            splice(gm, sites)
+        for site, op in meansparse_ops(gm).items():
+            self.ops.setdefault(site, []).append(op)
+            if self.calibrating:
+                acc = self._accumulators.setdefault(site, ChannelStats(op.dim))
+                op.observer = acc.update
+            else:
+                self._load(site, op)
+        if self.calibrating:
+            return gm.forward  # eager, so that the observers run
+        state = _state_as_inputs(gm)
+        inner = self.compiler if callable(self.compiler) else torch._dynamo.lookup_backend(self.compiler)
+        compiled = inner(gm, list(example_inputs) + state)
+
+        def run(*args):
+            return compiled(*args, *state)  # the operators' current mean/std/alpha, read at every call
+
+        return run
+
+    def _load(self, site: str, op: MeanSparse) -> None:
+        stat = self.stats.get(site)
+        if stat is None:
+            if self.strict:
+                raise SelectionError(
+                    f"no statistics for site {site!r} (known: {sorted(self.stats)[:5]}...); calibrate with "
+                    "fxsparse.backend() first, or pass strict=False to leave such sites at alpha = 0")
+            return
+        mean, std = stat["mean"], stat["std"]
+        if mean.numel() != op.channels:
+            raise SelectionError(f"site {site!r}: statistics have {mean.numel()} channels, the graph has "
+                                 f"{op.channels}")
+        with torch.no_grad():
+            op.mean.copy_(mean)
+            op.std.copy_(std)
+            op.count.fill_(float(stat.get("count", torch.tensor(1.0))))
+            op.alpha.fill_(self._alpha_for(site))
+
+    def _alpha_for(self, site: str) -> float:
+        if isinstance(self.alpha, Mapping):
+            return float(self.alpha.get(site, 0.0))
+        return float(self.alpha)
+
+    # -- after calibration / while serving ---------------------------------------------------------------
+    def statistics(self) -> Statistics:
+        """Statistics gathered in calibration mode, by site name."""
+        if not self.calibrating:
+            return {k: dict(v) for k, v in self.stats.items()}
+        missing = [s for s, acc in self._accumulators.items() if acc.mean is None]
+        if not self._accumulators or missing:
+            raise CalibrationError("run data through the compiled model before asking for statistics"
+                                   + (f" (sites never reached: {missing[:5]})" if missing else ""))
+        return {site: {"mean": acc.mean.float(), "std": acc.std.float(),
+                       "count": torch.tensor(float(acc.count), dtype=torch.float64)}
+                for site, acc in self._accumulators.items()}
+
+    def set_alpha(self, alpha) -> None:
+        """Change alpha of every spliced operator in place (no recompile)."""
+        if self.calibrating:
+            raise CalibrationError("this backend is calibrating; build a new one with its statistics")
+        self.alpha = alpha
+        with torch.no_grad():
+            for site, ops in self.ops.items():
+                for op in ops:
+                    op.alpha.fill_(self._alpha_for(site))
+
+
+def backend(stats=None, alpha=0.0, **kwargs) -> MeanSparseBackend:
+    """A `torch.compile` backend applying MeanSparse (see fxsparse/backend.py); without `stats`, it calibrates."""
+    return MeanSparseBackend(stats, alpha, **kwargs)

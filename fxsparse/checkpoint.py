@@ -1,0 +1,103 @@
+"""Resumable calibration: the partial statistics of a long calibration, saved every N batches.
+
+A checkpoint holds, per site, the running (count, mean, M2) of the statistics pass, or during the second
+(measure) pass the finished statistics and the partial histogram counts, plus how many batches are done.
+Resuming skips that many batches of the data and carries on, so the data must be replayed in the same order
+(a DataLoader without shuffling, or with a fixed sampler seed). Because batches merge in the same order, an
+interrupted and resumed run gives bit-identical statistics to an uninterrupted one. Under
+`torch.distributed` each rank keeps its own file (`<path>.rank<r>`). The file is deleted when calibration
+finishes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from fxsparse.distributed import rank_and_size
+from fxsparse.errors import CalibrationError
+from fxsparse.ops import MeanSparse
+from fxsparse.safefile import read, write
+from fxsparse.stats import ChannelStats, ZScoreCounter
+
+FORMAT = "fxsparse-calibration-checkpoint"
+PHASES = ("statistics", "measure")
+
+
+class CalibrationCheckpoint:
+    """Saves and restores the partial state of `fxsparse.calibrate` for the operators `ops` (by site)."""
+
+    def __init__(self, path: "os.PathLike[str] | str", every: int, ops: Dict[str, MeanSparse]):
+        if not isinstance(every, int) or every < 1:
+            raise CalibrationError(f"checkpoint_every must be a positive number of batches, got {every!r}")
+        rank, self.world_size = rank_and_size()
+        path = os.fspath(path)
+        self.path = f"{path}.rank{rank}" if self.world_size > 1 else path
+        self.every = every
+        self.ops = ops
+
+    def _sites(self) -> Dict[str, int]:
+        return {name: op.channels for name, op in self.ops.items()}
+
+    def restore(self, stats: Dict[MeanSparse, ChannelStats],
+                counters: Dict[MeanSparse, ZScoreCounter]) -> Tuple[str, int]:
+        """Fill `stats` (and, in the measure phase, `counters`) from the file; (phase, batches done)."""
+        if not os.path.exists(self.path):
+            return PHASES[0], 0
+        tensors, header = read(self.path, "calibration checkpoint")
+        self._check(header)
+        phase = header["phase"]
+        try:
+            for name, op in self.ops.items():
+                if f"{name}/mean" in tensors:
+                    s = stats[op]
+                    s.count = int(tensors[f"{name}/count"])
+                    # where the batch moments will be computed, so later merges need no copies
+                    s.mean, s.m2 = (tensors[f"{name}/{k}"].to(op.mean.device) for k in ("mean", "m2"))
+                if phase == "measure":
+                    counters[op].counts = tensors[f"{name}/zscore_counts"]
+                    counters[op].total = int(tensors[f"{name}/zscore_total"])
+            return phase, int(header["batches_done"])
+        except (KeyError, TypeError, ValueError) as exc:
+            self._refuse(f"is incomplete ({type(exc).__name__}: {exc})")
+
+    def _refuse(self, why: str):
+        raise CalibrationError(f"checkpoint {self.path} {why}; delete it to calibrate from the start")
+
+    def _check(self, header) -> None:
+        if header.get("format") != FORMAT or header.get("phase") not in PHASES:
+            self._refuse("is not a calibration checkpoint of this fxsparse version")
+        if header.get("world_size") != self.world_size:
+            self._refuse(f"was written by {header.get('world_size')} process(es), not {self.world_size}")
+        saved, ours = header.get("sites", {}), self._sites()
+        if saved != ours:
+            missing = sorted(set(ours) - set(saved))
+            extra = sorted(set(saved) - set(ours))
+            channels = sorted(n for n in set(saved) & set(ours) if saved[n] != ours[n])
+            self._refuse(f"belongs to another model (sites missing from it: {missing[:5]}, sites the model lacks: "
+                         f"{extra[:5]}, channel counts differ at: {channels[:5]})")
+
+    def save(self, phase: str, batches_done: int, stats: Dict[MeanSparse, ChannelStats],
+             counters: Optional[Dict[MeanSparse, ZScoreCounter]] = None) -> None:
+        tensors = {}
+        for name, op in self.ops.items():
+            s = stats[op]
+            if s.mean is not None:
+                tensors[f"{name}/count"] = torch.tensor(s.count, dtype=torch.int64)
+                tensors[f"{name}/mean"], tensors[f"{name}/m2"] = s.mean, s.m2
+            if counters is not None:
+                tensors[f"{name}/zscore_counts"] = counters[op].counts
+                tensors[f"{name}/zscore_total"] = torch.tensor(counters[op].total, dtype=torch.int64)
+        header = {"format": FORMAT, "phase": phase, "batches_done": batches_done,
+                  "world_size": self.world_size, "sites": self._sites()}
+        write(self.path, tensors, header)
+
+    def after_batch(self, phase: str, batches_done: int, stats, counters=None) -> None:
+        """Save when `batches_done` is a multiple of `every`."""
+        if batches_done % self.every == 0:
+            self.save(phase, batches_done, stats, counters)
+
+    def discard(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)

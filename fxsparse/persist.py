@@ -1,0 +1,162 @@
+"""Save a sparsified model's MeanSparse state, and load it into the same architecture, without pickle.
+
+The file (safetensors with a JSON header, see `fxsparse/safefile.py`) holds what fxsparse adds to a model and
+nothing of the model itself: per site the buffers `mean`, `std`, `alpha`, `count` and the calibration
+histogram, and in the header the sites (kind, channel axis, channel count), the selection, placement and
+example input shapes `prepare` was given, the capture path, and the fxsparse and torch versions. `load`
+re-applies the pass to the model it is given as recorded, refuses the file if the sites differ in any way,
+and copies the state in: same model weights in, same outputs out, bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from fxsparse.calibrate import PREPARE_META
+from fxsparse.errors import FxsparseError, NoActivationWarning, PersistenceError
+from fxsparse.inputs import _state_tensor
+from fxsparse.ops import MeanSparse, meansparse_ops
+from fxsparse.passes.locate import Selection, as_selection
+from fxsparse.safefile import read, write
+
+FORMAT = "fxsparse-meansparse"
+FORMAT_VERSION = 1
+BUFFERS = ("mean", "std", "alpha", "count")
+CHECKED_FIELDS = ("kind", "dim", "channels")
+
+
+def prepare_record(select: Any, inputs: Sequence[torch.Tensor], capture: Optional[str]) -> Dict[str, Any]:
+    """What `prepare` was asked, as JSON-able data, so that `load` can ask it again."""
+    sel = as_selection(select)
+    return {
+        "select": {"kinds": None if sel.kinds is None else list(sel.kinds),
+                   "include": list(sel.include), "exclude": list(sel.exclude)},
+        "input_shapes": [list(t.shape) for t in inputs],
+        "input_dtypes": [str(t.dtype) for t in inputs],
+        "capture": capture,
+    }
+
+
+def _selection(saved: Mapping[str, Any]) -> Selection:
+    kinds = saved["kinds"]
+    return Selection(kinds=None if kinds is None else tuple(kinds), include=tuple(saved["include"]),
+                     exclude=tuple(saved["exclude"]))
+
+
+def _site(op: MeanSparse) -> Dict[str, Any]:
+    return {"site": op.site, "module_path": op.module_path, "kind": op.kind, "node": op.node, "dim": op.dim,
+            "channels": op.channels, "axis_rule": op.axis_rule, "inplace": op.inplace}
+
+
+def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
+    """Write the MeanSparse state of `gm` (from fxsparse.prepare or sparsify) to `path`."""
+    from fxsparse import __version__
+
+    gm = getattr(gm, "_orig_mod", gm)  # torch.compile's wrapper: save the module it compiles
+    record = gm.meta.get(PREPARE_META) if isinstance(gm, fx.GraphModule) else None
+    if record is None:
+        raise PersistenceError(f"fxsparse.save takes the GraphModule returned by fxsparse.prepare or sparsify, "
+                               f"got a {type(gm).__name__} without fxsparse's record of how it was prepared")
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, op in meansparse_ops(gm).items():
+        for buffer in BUFFERS:
+            tensors[f"{name}/{buffer}"] = getattr(op, buffer)
+        if op.zscore_counts is not None:
+            tensors[f"{name}/zscore_edges"], tensors[f"{name}/zscore_counts"] = op.zscore_edges, op.zscore_counts
+    report = gm.meta.get("fxsparse_capture")
+    header = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "fxsparse_version": __version__, "torch_version": torch.__version__,
+        "capture_path": getattr(report, "path", None), "prepare": record,
+        "sites": [_site(op) for op in meansparse_ops(gm).values()],
+    }
+    write(path, tensors, header)
+
+
+def _example_inputs(model: nn.Module, record: Mapping[str, Any], path: str) -> List[torch.Tensor]:
+    """Random inputs of the recorded shapes; floating ones in the model's dtype, on the model's device."""
+    ref = _state_tensor(model)
+    device = ref.device if ref is not None else torch.device("cpu")
+    inputs = []
+    for shape, name in zip(record["input_shapes"], record["input_dtypes"]):
+        dtype = getattr(torch, str(name).replace("torch.", ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise PersistenceError(f"{path} records an unknown input dtype {name!r}")
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, dtype=ref.dtype if ref is not None else dtype, device=device))
+        else:
+            inputs.append(torch.zeros(shape, dtype=dtype, device=device))
+    return inputs
+
+
+def _differences(by_name: Mapping[str, Mapping[str, Any]], ops: Mapping[str, MeanSparse]) -> List[str]:
+    out = []
+    missing = [n for n in by_name if n not in ops]
+    extra = [n for n in ops if n not in by_name]
+    if missing:
+        out.append(f"{len(missing)} site(s) of the file are not in the model: {missing[:8]}")
+    if extra:
+        out.append(f"{len(extra)} site(s) of the model are not in the file: {extra[:8]}")
+    for name, op in ops.items():
+        if name in by_name:
+            out.extend(f"site {name!r} has {field} {by_name[name][field]!r} in the file but {getattr(op, field)!r} "
+                       "in the model" for field in CHECKED_FIELDS if by_name[name][field] != getattr(op, field))
+    return out
+
+
+def _restore(ops: Mapping[str, MeanSparse], tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    with torch.no_grad():
+        for name, op in ops.items():
+            for buffer in BUFFERS:
+                target, t = getattr(op, buffer), tensors.get(f"{name}/{buffer}")
+                if t is None or t.shape != target.shape:
+                    got = "nothing" if t is None else f"shape {tuple(t.shape)}"
+                    raise PersistenceError(f"{path} is corrupt: site {name!r} needs {buffer} of shape "
+                                           f"{tuple(target.shape)}, the file has {got}")
+                target.copy_(t)
+            if f"{name}/zscore_counts" in tensors:
+                op.zscore_edges = tensors[f"{name}/zscore_edges"].clone()
+                op.zscore_counts = tensors[f"{name}/zscore_counts"].clone()
+
+
+def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
+    """Re-apply the pass recorded in `path` to `model` and restore its MeanSparse state; `model` is untouched.
+
+    Raises PersistenceError when the file is unreadable or corrupt, or when its sites differ from the ones
+    the pass finds in `model` (missing or extra sites, other kinds, channel axes or channel counts).
+    """
+    from fxsparse import prepare
+
+    if not isinstance(model, nn.Module):
+        raise FxsparseError(f"fxsparse.load needs the torch.nn.Module to load into, got {type(model).__name__}")
+    path = os.fspath(path)
+    tensors, header = read(path, "fxsparse file")
+    if header.get("format") != FORMAT:
+        raise PersistenceError(f"{path} holds {header.get('format')!r}, not a model saved by fxsparse.save")
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise PersistenceError(f"{path} was written by fxsparse {header.get('fxsparse_version')} in a newer format "
+                               f"({header.get('format_version')}); upgrade fxsparse to read it")
+    try:
+        record = header["prepare"]
+        selection, inputs = _selection(record["select"]), _example_inputs(model, record, path)
+        saved_sites = {s["site"]: {field: s[field] for field in CHECKED_FIELDS} for s in header["sites"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PersistenceError(f"{path} has an incomplete header ({type(exc).__name__}: {exc}); write it again "
+                               "with fxsparse.save") from exc
+    with warnings.catch_warnings():
+        if saved_sites:  # a model without sites gets the mismatch error below, not a warning as well
+            warnings.simplefilter("ignore", NoActivationWarning)
+        placement = {"placement": record["placement"]} if record.get("placement") else {}
+        gm = prepare(model, inputs, selection, capture=header.get("capture_path") or "auto", **placement)
+    ops = meansparse_ops(gm)
+    differences = _differences(saved_sites, ops)
+    if differences:
+        raise PersistenceError(
+            f"{path} does not match this model: " + "; ".join(differences)
+            + ". It was saved from another architecture, or with another selection or activation registry")
+    _restore(ops, tensors, path)
+    return gm

@@ -1,0 +1,338 @@
+"""Placement policies: where MeanSparse operators go, beyond "before every activation".
+
+    activations      before each selected activation (passes/locate.py): the default
+    residual         after each residual join: the sum x + f(x), for everything downstream of it
+    residual_branch  on the branch of each residual join, just before the sum: f(x) in x + f(x)
+    mlp_out          after the second linear of each MLP (Linear or 1x1 conv <- activation <- Linear or 1x1 conv)
+
+Presets reproduce the MeanSparse authors' configurations (their code: SPIN-UMass/MeanSparse):
+
+    convnext   activations + residual_branch      ConvNeXt-L: before each MLP GELU, after each block's drop_path
+    swin       activations + mlp_out + residual   Swin-L: after fc1 (= before the GELU), after fc2, after each add
+
+A residual join is an add (`+`, `+=`, `torch.add`, `aten.add`) of two tensors of the output's shape where
+one operand is computed from the other (x + f(x), looking through identity and dropout modules), or where,
+inside a module, both are computed from the module's input (a projection shortcut: proj(x) + f(x)). Adds of
+a parameter or buffer (position embeddings, attention biases) are not joins. Policies produce `Site` objects
+with `source` and `consumers`, which the splice pass already supports; two policies that pick the same tensor
+give one operator whose `policy` names both.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+from torch import fx, nn
+
+from fxsparse.errors import SelectionError
+from fxsparse.passes.channel_axis import infer_channel_dim
+from fxsparse.passes.composites import op_name
+from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
+from fxsparse.passes.locate import PATH_META, Site, as_selection, locate
+from fxsparse.passes.shapes import node_shape
+
+PRESETS: Dict[str, Tuple[str, ...]] = {
+    "convnext": ("activations", "residual_branch"),
+    "swin": ("activations", "mlp_out", "residual"),
+}
+DEFAULT = ("activations",)
+
+_ADDS = {"add", "add_", "iadd"}
+
+
+def _is_add(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and op_name(node) in _ADDS
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    if node.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+
+
+def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    mod = _module(gm, node)
+    return mod is not None and (isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd))
+                                or type(mod).__name__ == "DropPath")
+
+
+def _through_identities(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    while _is_identity(gm, node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _ancestors(node: fx.Node) -> Set[fx.Node]:
+    seen: Set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _inside(node: fx.Node, scope: str) -> bool:
+    path = node.meta.get(PATH_META, "")
+    return path == scope or path.startswith(scope + ".")
+
+
+def _frontier(node: fx.Node, scope: str) -> Set[fx.Node]:
+    """The nearest ancestors of `node` produced outside module `scope` (its inputs), parameters excluded."""
+    out: Set[fx.Node] = set()
+    seen: Set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            continue
+        if n is not node and (n.op == "placeholder" or not _inside(n, scope)):
+            out.add(n)
+            continue
+        stack.extend(n.all_input_nodes)
+    return out
+
+
+@dataclasses.dataclass
+class Join:
+    """A residual join `node` = skip + branch."""
+
+    node: fx.Node
+    skip: fx.Node
+    branch: fx.Node
+
+
+def residual_joins(gm: fx.GraphModule) -> List[Join]:
+    """Every residual join of `gm` in graph order (see the module docstring for the rule)."""
+    joins = []
+    for node in gm.graph.nodes:
+        if not _is_add(node):
+            continue
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        shape = node_shape(node)
+        if len(operands) != 2 or operands[0] is operands[1] or shape is None:
+            continue
+        if any(node_shape(a) != shape for a in operands):
+            continue
+        a, b = operands
+        anc_a, anc_b = _ancestors(a), _ancestors(b)
+        if a in anc_b or _through_identities(gm, a) in anc_b:
+            joins.append(Join(node, a, b))
+        elif b in anc_a or _through_identities(gm, b) in anc_a:
+            joins.append(Join(node, b, a))
+        else:
+            scope = node.meta.get(PATH_META, "")
+            if scope and _frontier(a, scope) & _frontier(b, scope):
+                inner_a = sum(_inside(n, scope) for n in anc_a)
+                inner_b = sum(_inside(n, scope) for n in anc_b)
+                joins.append(Join(node, a, b) if inner_a <= inner_b else Join(node, b, a))
+    return joins
+
+
+def _linear_like(gm: fx.GraphModule, node: fx.Node) -> bool:
+    mod = _module(gm, node)
+    if isinstance(mod, nn.Linear):
+        return True
+    return isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1)
+
+
+def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        mod = _module(gm, node)
+        return mod is not None and kind_of_module(mod) is not None
+    if node.op == "call_function":
+        return kind_of_function(node.target) is not None
+    if node.op == "call_method":
+        return kind_of_method(node.target) is not None
+    return False
+
+
+def _back_through_layers(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Step back over identity, dropout and LayerNorm-style layers (timm's Mlp puts a norm before fc2)."""
+    while node.args and isinstance(node.args[0], fx.Node):
+        mod = _module(gm, node)
+        if not (_is_identity(gm, node) or isinstance(mod, (nn.LayerNorm, nn.GroupNorm))):
+            break
+        node = node.args[0]
+    return node
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def mlp_outputs(gm: fx.GraphModule) -> List[fx.Node]:
+    """Second linears of MLPs: a Linear / 1x1 conv fed by an activation fed by a sibling Linear / 1x1 conv."""
+    found = []
+    for node in gm.graph.nodes:
+        if not _linear_like(gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        act = _back_through_layers(gm, node.args[0])
+        if not _is_activation(gm, act) or not act.args or not isinstance(act.args[0], fx.Node):
+            continue
+        first = _back_through_layers(gm, act.args[0])
+        if _linear_like(gm, first) and _parent(first.target) == _parent(node.target):
+            found.append(node)
+    return found
+
+
+_SAME_LAYOUT = {"roll", "contiguous", "clone", "pad"}
+_RESHAPES = {"reshape", "view", "flatten"}
+
+
+def _axis_of(gm: fx.GraphModule, node: fx.Node, depth: int) -> Optional[Tuple[int, str]]:
+    """infer_channel_dim, also looking back through the ops a residual stream passes (adds of either operand,
+    rolls, and reshapes that keep a channel-last axis, as in Swin's (B, H, W, C) <-> (B, H * W, C))."""
+    shape = node_shape(node)
+    if shape is None:
+        return None
+    dim, rule = infer_channel_dim(gm, node, len(shape))
+    if not rule.startswith("rank-"):
+        return dim, rule
+    if depth == 0:
+        return None
+    name = op_name(node) or ""
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if name.rstrip("_") in ("add", "iadd", "sub", "mul"):
+        for a in tensors:
+            if node_shape(a) == shape and (found := _axis_of(gm, a, depth - 1)):
+                return found
+    elif name in _SAME_LAYOUT and tensors:
+        return _axis_of(gm, tensors[0], depth - 1)
+    elif name in _RESHAPES and tensors and node_shape(tensors[0]):
+        found = _axis_of(gm, tensors[0], depth - 1)
+        src = node_shape(tensors[0])
+        if found and found[0] == len(src) - 1 and src[-1] == shape[-1]:
+            return len(shape) - 1, f"{found[1]}+reshape"
+    return None
+
+
+def _axis(gm: fx.GraphModule, candidates: Sequence[fx.Node], ndim: int) -> Tuple[int, str]:
+    """The channel axis from the first candidate that decides it (the rank default otherwise)."""
+    for n in candidates:
+        found = _axis_of(gm, n, 8)
+        if found is not None:
+            return found
+    return infer_channel_dim(gm, candidates[0], ndim)
+
+
+def _scoped(node: fx.Node, leaf: str) -> str:
+    scope = node.meta.get(PATH_META, "")
+    return f"{scope}.{leaf}" if scope else leaf
+
+
+def _residual_sites(gm: fx.GraphModule) -> List[Site]:
+    sites = []
+    for j in residual_joins(gm):
+        ndim = len(node_shape(j.node))
+        sites.append(Site(_scoped(j.node, "add"), j.node.meta.get(PATH_META, ""), "add", j.node, False,
+                          source=j.node, consumers=list(j.node.users), policy="residual",
+                          axis=_axis(gm, [j.branch, j.skip], ndim)))
+    return sites
+
+
+def _branch_sites(gm: fx.GraphModule) -> List[Site]:
+    sites = []
+    for j in residual_joins(gm):
+        b = j.branch
+        ndim = len(node_shape(j.node))
+        sites.append(Site(_scoped(j.node, "branch"), j.node.meta.get(PATH_META, ""), "residual_branch", j.node, False,
+                          source=b, consumers=[j.node], policy="residual_branch",
+                          axis=_axis(gm, [b, j.skip], ndim)))
+    return sites
+
+
+def _mlp_sites(gm: fx.GraphModule) -> List[Site]:
+    out = []
+    for fc in mlp_outputs(gm):
+        out.append(Site(str(fc.target), str(fc.target), type(gm.get_submodule(fc.target)).__name__.lower(), fc,
+                        False, source=fc, consumers=list(fc.users), policy="mlp_out"))
+    return out
+
+
+POLICIES: Dict[str, Callable[[fx.GraphModule], List[Site]]] = {
+    "residual": _residual_sites,
+    "residual_branch": _branch_sites,
+    "mlp_out": _mlp_sites,
+}
+
+
+def resolve(placement: Union[None, str, Iterable[str]]) -> Tuple[str, ...]:
+    """Policy names, presets expanded, duplicates dropped, order kept."""
+    if placement is None:
+        return DEFAULT
+    names = [placement] if isinstance(placement, str) else list(placement)
+    out: List[str] = []
+    for name in names:
+        expanded = PRESETS.get(name, (name,))
+        for policy in expanded:
+            if policy != "activations" and policy not in POLICIES:
+                known = ["activations", *POLICIES, *PRESETS]
+                raise SelectionError(f"unknown placement {name!r}; known policies and presets: {known}")
+            if policy not in out:
+                out.append(policy)
+    if not out:
+        raise SelectionError("placement is empty; give a policy such as 'activations' or a preset such as 'swin'")
+    return tuple(out)
+
+
+def _source(site: Site) -> Optional[fx.Node]:
+    if site.inner is not None:
+        return None
+    if site.source is not None:
+        return site.source
+    act = site.node
+    return act.args[0] if act.args and isinstance(act.args[0], fx.Node) else None
+
+
+def _unique(name: str, taken: Set[str], modules: Set[str]) -> str:
+    base, count = name, 0
+    while name in taken or f"{name}_meansparse" in modules:
+        count += 1
+        name = f"{base}_{count}"
+    return name
+
+
+def place(gm: fx.GraphModule, select=None, placement=None) -> List[Site]:
+    """The sites of every policy in `placement`; `select` filters all of them by name (and activations by
+    kind). Sites on the same tensor merge into one operator (activation sites first), consumers united."""
+    policies = resolve(placement)
+    selection = as_selection(select)
+    modules = {name for name, _ in gm.named_modules()}
+    sites = locate(gm, select) if "activations" in policies else []
+    taken = {s.name for s in sites}
+    by_source = {src: s for s in sites if (src := _source(s)) is not None}
+    for policy in policies:
+        if policy == "activations":
+            continue
+        for site in POLICIES[policy](gm):
+            if not selection.takes_path(site.name):
+                continue
+            if site.source in by_source:
+                _merge(by_source[site.source], site)
+                continue
+            site.name = _unique(site.name, taken, modules)
+            taken.add(site.name)
+            sites.append(site)
+            by_source[site.source] = site
+    return sites
+
+
+def _merge(kept: Site, other: Site) -> None:
+    if kept.source is None:
+        kept.source = _source(kept)
+        kept.consumers = [kept.node]
+    for c in other.consumers or [other.node]:
+        if c not in kept.consumers:
+            kept.consumers.append(c)
+    if other.policy not in kept.policy.split("+"):
+        kept.policy = f"{kept.policy}+{other.policy}"
+    kept.axis = kept.axis or other.axis
+    kept.inplace = kept.inplace or other.inplace

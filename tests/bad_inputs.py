@@ -1,0 +1,202 @@
+"""Bad inputs to every public entry point, each with the error (or warning) class it must get.
+
+Shared by tests/test_errors.py (which also checks that the user's model survives every one unchanged) and
+benchmarks/bad_inputs.py (which prints the table of messages for benchmarks/RESULTS.md). Every case is a
+function of the user's model (`small_model()`) and a scratch folder.
+"""
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+import fxsparse
+
+X = torch.randn(4, 3, 6, 6)
+
+
+class Small(nn.Module):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(width, 5)
+        self.act2 = nn.GELU()
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        return self.act2(self.fc(x.mean((2, 3))))
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return Small().train()  # training mode on purpose: fxsparse must not switch the user's model to eval
+
+
+class DataDependent(nn.Module):
+    """Neither FX nor torch.export can capture a branch on a tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(y) if y.sum() > 0 else y
+
+
+@dataclasses.dataclass
+class BadInput:
+    what: str
+    run: Callable[[nn.Module, str], object]
+    expect: type
+
+
+def _prepared(model):
+    return fxsparse.prepare(model, X)
+
+
+def _calibrated(model):
+    gm = _prepared(model)
+    fxsparse.calibrate(gm, [X])
+    return gm
+
+
+def _saved(model, folder) -> str:
+    path = os.path.join(folder, "model.safetensors")
+    gm = _calibrated(model)
+    fxsparse.set_alpha(gm, 0.2)
+    fxsparse.save(gm, path)
+    return path
+
+
+def _damaged(model, folder, damage: Callable[[bytes], bytes]) -> None:
+    path = _saved(model, folder)
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(raw))
+    fxsparse.load(model, path)
+
+
+def _flip_last_byte(raw: bytes) -> bytes:
+    return raw[:-1] + bytes([raw[-1] ^ 0xFF])
+
+
+def _with_nan(x):
+    x = x.clone()
+    x[1, 2, 3, 4] = float("nan")
+    return x
+
+
+def _overflowing(model, folder):
+    big = nn.Linear(6, 6)
+    with torch.no_grad():
+        big.weight.fill_(1e30)
+    fxsparse.calibrate(fxsparse.prepare(nn.Sequential(big, nn.ReLU()), X), [X * 1e10])
+
+
+def _foreign_safetensors(model, folder):
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder, "weights.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    fxsparse.load(model, path)
+
+
+def _resume_foreign_checkpoint(model, folder):
+    path = os.path.join(folder, "calib.ckpt")
+    other = fxsparse.prepare(Small(width=6), X)
+    with_failure = [X, X, "stop"]
+    try:
+        fxsparse.calibrate(other, with_failure, checkpoint=path, checkpoint_every=1)
+    except fxsparse.CalibrationError:
+        pass  # the "stop" batch: the checkpoint of the first two batches stays
+    fxsparse.calibrate(_prepared(model), [X], checkpoint=path)
+
+
+def _nothing_selected(model, folder):
+    return fxsparse.prepare(model, X, select={"include": ["no.such.layer"]})
+
+
+BAD_INPUTS = [
+    # model and capture
+    BadInput("model is a function, not an nn.Module", lambda m, d: fxsparse.prepare(lambda x: x, X),
+             fxsparse.FxsparseError),
+    BadInput("model is a string (a model name)", lambda m, d: fxsparse.sparsify("resnet18", [X]),
+             fxsparse.FxsparseError),
+    BadInput("model branches on a tensor value (no capture path works)",
+             lambda m, d: fxsparse.prepare(DataDependent(), X), fxsparse.CaptureError),
+    BadInput("example_inputs of the wrong channel count", lambda m, d: fxsparse.prepare(m, torch.randn(2, 5, 6, 6)),
+             fxsparse.FxsparseError),
+    BadInput("example_inputs is a string", lambda m, d: fxsparse.prepare(m, "x"), fxsparse.FxsparseError),
+    # selection
+    BadInput("unknown activation kind in select", lambda m, d: fxsparse.prepare(m, X, select=["swishy"]),
+             fxsparse.SelectionError),
+    BadInput("unknown key in select", lambda m, d: fxsparse.prepare(m, X, select={"kind": ["relu"]}),
+             fxsparse.SelectionError),
+    BadInput("model without any activation", lambda m, d: fxsparse.prepare(nn.Sequential(nn.Linear(3, 3)),
+                                                                         torch.randn(2, 3)),
+             fxsparse.NoActivationWarning),
+    BadInput("selection that takes no site", _nothing_selected, fxsparse.NoActivationWarning),
+    # calibration data
+    BadInput("empty calibration list", lambda m, d: fxsparse.calibrate(_prepared(m), []), fxsparse.CalibrationError),
+    BadInput("empty DataLoader", lambda m, d: fxsparse.calibrate(_prepared(m), torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X[:0]), batch_size=2)), fxsparse.CalibrationError),
+    BadInput("sparsify with empty data", lambda m, d: fxsparse.sparsify(m, []), fxsparse.CalibrationError),
+    BadInput("batch with the wrong channel count",
+             lambda m, d: fxsparse.calibrate(_prepared(m), [X, torch.randn(2, 5, 6, 6)]), fxsparse.CalibrationError),
+    BadInput("batch of integers (wrong dtype)", lambda m, d: fxsparse.calibrate(_prepared(m), [X.long()]),
+             fxsparse.CalibrationError),
+    BadInput("batch in float64 for a float32 model", lambda m, d: fxsparse.calibrate(_prepared(m), [X.double()]),
+             fxsparse.CalibrationError),
+    BadInput("batch is a string", lambda m, d: fxsparse.calibrate(_prepared(m), ["image.png"]),
+             fxsparse.CalibrationError),
+    BadInput("batch is a numpy array", lambda m, d: fxsparse.calibrate(_prepared(m), [X.numpy()]),
+             fxsparse.CalibrationError),
+    BadInput("NaN in the second batch", lambda m, d: fxsparse.calibrate(_prepared(m), [X, _with_nan(X)]),
+             fxsparse.CalibrationError),
+    BadInput("finite batch that overflows a layer to Inf", _overflowing, fxsparse.CalibrationError),
+    BadInput("site sees another channel count than at prepare (weightless model)",
+             lambda m, d: fxsparse.calibrate(fxsparse.prepare(nn.Sequential(nn.ReLU()), X), [torch.randn(2, 7, 6, 6)]),
+             fxsparse.CalibrationError),
+    BadInput("calibrate the user's model instead of the prepared one", lambda m, d: fxsparse.calibrate(m, [X]),
+             fxsparse.CalibrationError),
+    BadInput("checkpoint_every = 0",
+             lambda m, d: fxsparse.calibrate(_prepared(m), [X], checkpoint=os.path.join(d, "c"), checkpoint_every=0),
+             fxsparse.CalibrationError),
+    BadInput("resume from another model's checkpoint", _resume_foreign_checkpoint, fxsparse.CalibrationError),
+    # alpha
+    BadInput("negative alpha", lambda m, d: fxsparse.set_alpha(_calibrated(m), -0.1), fxsparse.SelectionError),
+    BadInput("NaN alpha", lambda m, d: fxsparse.set_alpha(_calibrated(m), float("nan")), fxsparse.SelectionError),
+    BadInput("infinite alpha", lambda m, d: fxsparse.set_alpha(_calibrated(m), float("inf")),
+             fxsparse.SelectionError),
+    BadInput("alpha is a string", lambda m, d: fxsparse.set_alpha(_calibrated(m), "0.2x"), fxsparse.SelectionError),
+    BadInput("negative alpha for one site", lambda m, d: fxsparse.set_alpha(_calibrated(m), {"act": -1}),
+             fxsparse.SelectionError),
+    BadInput("alpha for an unknown site", lambda m, d: fxsparse.set_alpha(_calibrated(m), {"act3": 0.2}),
+             fxsparse.SelectionError),
+    BadInput("alpha for a glob matching no site", lambda m, d: fxsparse.set_alpha(_calibrated(m), {"layer9.*": 0.2}),
+             fxsparse.SelectionError),
+    BadInput("non-zero alpha before calibration", lambda m, d: fxsparse.set_alpha(_prepared(m), 0.2),
+             fxsparse.CalibrationError),
+    BadInput("set_alpha on the user's model", lambda m, d: fxsparse.set_alpha(m, 0.2), fxsparse.SelectionError),
+    # persistence
+    BadInput("save the user's model", lambda m, d: fxsparse.save(m, os.path.join(d, "x")), fxsparse.PersistenceError),
+    BadInput("load a file that does not exist", lambda m, d: fxsparse.load(m, os.path.join(d, "missing")),
+             fxsparse.PersistenceError),
+    BadInput("load a truncated file", lambda m, d: _damaged(m, d, lambda raw: raw[: len(raw) // 2]),
+             fxsparse.PersistenceError),
+    BadInput("load a file with one byte of data flipped", lambda m, d: _damaged(m, d, _flip_last_byte),
+             fxsparse.PersistenceError),
+    BadInput("load a text file", lambda m, d: _damaged(m, d, lambda raw: b"not a model\n"), fxsparse.PersistenceError),
+    BadInput("load a safetensors file not written by fxsparse", _foreign_safetensors, fxsparse.PersistenceError),
+    BadInput("load into a model with other channel counts",
+             lambda m, d: fxsparse.load(Small(width=6), _saved(m, d)), fxsparse.PersistenceError),
+    BadInput("load into another architecture",
+             lambda m, d: fxsparse.load(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), _saved(m, d)),
+             fxsparse.PersistenceError),
+    BadInput("load into something that is not a module", lambda m, d: fxsparse.load(None, _saved(m, d)),
+             fxsparse.FxsparseError),
+]

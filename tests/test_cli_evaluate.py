@@ -1,0 +1,67 @@
+"""`fxsparse evaluate`: files in, two tables (or JSON) out; the digits run from the README (slow)."""
+import json
+
+import pytest
+import torch
+
+from fxsparse.cli import main
+
+pytest.importorskip("pyautoattack")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    gen = torch.Generator().manual_seed(0)
+    paths = {}
+    for name, n in (("train", 16), ("val", 12), ("test", 12)):
+        x = torch.rand(n, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (n,), generator=gen)
+        paths[name] = str(root / f"{name}.pt")
+        torch.save((x, y) if name != "val" else {"x": x, "y": y}, paths[name])
+    return paths
+
+
+def test_evaluate_markdown(files, capsys):
+    rc = main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+               "--data", files["test"], "--attacks", "clean", "pgd:steps=2", "--alpha", "0.3", "--eps", "0.03"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "## original model, alpha = 0 (no operators)" in out and "## sparsified model, alpha = 0.3" in out
+    assert out.count("BPDA (straight-through)") == 2 and "| pgd (steps=2) |" in out
+
+
+def test_evaluate_json_with_search_and_placement(files, capsys):
+    rc = main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+               "--validation", files["val"], "--data", files["test"], "--attacks", "clean", "pgd:steps=1",
+               "--search", "--search-attack", "pgd:steps=1", "--alphas", "0", "0.5", "--max-clean-drop", "1",
+               "--placement", "residual", "--format", "json", "--no-baseline"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"sparsified", "alpha", "placement", "search"}
+    assert doc["placement"] == ["residual"] and doc["alpha"] in (0.0, 0.5) and len(doc["search"]) == 2
+    assert doc["sparsified"]["n"] == 12 and doc["sparsified"]["attacks"][1]["attack"] == "pgd"
+
+
+def test_evaluate_errors(files, tmp_path, capsys):
+    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--data", files["test"]]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    torch.save({"images": torch.rand(2, 3, 8, 8)}, bad)
+    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", str(bad),
+                 "--data", files["test"]]) == 2
+    assert "must hold (x, y) tensors" in capsys.readouterr().err
+    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+                 "--data", files["test"], "--attacks", "cw"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_evaluate_digits_from_the_readme(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FXSPARSE_CACHE", str(tmp_path))
+    rc = main(["evaluate", "digits", "--epochs", "2", "--width", "8", "--search", "--alphas", "0", "0.2",
+               "--attacks", "clean", "pgd:steps=3", "square:queries=20", "--max-examples", "60"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "## alpha search on the validation split" in out and "179 validation examples" in out
+    assert "60 examples" in out and "| square (queries=20) |" in out

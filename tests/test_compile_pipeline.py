@@ -1,0 +1,171 @@
+"""Compile-pipeline integration: compile modes, the fxsparse torch.compile backend, torch.export + .pt2,
+and Inductor fusing the operator into its neighbours' kernels."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from fxsparse.backend import module_path
+
+
+def convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GELU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+
+
+class Branchy(nn.Module):
+    """No capture path handles it whole: Python control flow on a tensor value. Dynamo breaks the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.act1(self.conv1(x))
+        if y.mean() > 0:
+            y = y * 2
+        y = F.gelu(self.conv2(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_module_paths_from_dynamo_sources():
+    assert module_path("L['self'].layer1[0].relu") == "layer1.0.relu"
+    assert module_path("L['self']._modules['features']._modules['3']") == "features.3"
+    assert module_path("getattr(L['self'].blocks, '0').mlp.act") == "blocks.0.mlp.act"
+    assert module_path("L['self']") == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [None, "max-autotune-no-cudagraphs", "reduce-overhead"])
+def test_compile_modes_no_graph_breaks_and_equal_to_eager(mode):
+    model = convnet().double()
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    gm = fxsparse.sparsify(model, [x], alpha=0.3)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(gm)(x).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, mode=mode)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), gm(x), rtol=1e-9, atol=1e-9)
+
+
+class Counting:
+    """An inner compiler that counts compilations and runs the graph eagerly."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.calls += 1
+        return gm.forward
+
+
+def _reference(model, stats, alpha, x):
+    """Branchy with MeanSparse applied by hand, from the statistics."""
+    def ms(t, site):
+        m, s = stats[site]["mean"].double().view(1, -1, 1, 1), stats[site]["std"].double().view(1, -1, 1, 1)
+        return torch.where((t - m).abs() < alpha * s, m, t)
+
+    y = torch.relu(ms(model.conv1(x), "act1"))
+    if y.mean() > 0:
+        y = y * 2
+    y = F.gelu(ms(model.conv2(y), "gelu"))
+    return model.fc(y.mean((2, 3)))
+
+
+def test_backend_calibrates_and_sparsifies_a_model_no_capture_path_handles():
+    torch.manual_seed(0)
+    model = Branchy().eval().double()
+    data = [torch.randn(4, 3, 8, 8, dtype=torch.float64) for _ in range(3)]
+    with pytest.raises(fxsparse.CaptureError):
+        fxsparse.prepare(model, data[0])
+    calib = fxsparse.backend()
+    torch._dynamo.reset()
+    seen = torch.compile(model, backend=calib)
+    with torch.no_grad():
+        outs = [seen(x) for x in data]
+    for x, out in zip(data, outs):  # calibration does not change outputs
+        torch.testing.assert_close(out, model(x))
+    stats = calib.statistics()
+    assert set(stats) == {"act1", "gelu"}
+    conv1 = torch.cat([model.conv1(x) for x in data]).detach()
+    torch.testing.assert_close(stats["act1"]["mean"].double(), conv1.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+    counter = Counting()
+    be = fxsparse.backend(stats, alpha=0.3, compiler=counter)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=be)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), _reference(model, stats, 0.3, x.clone()), rtol=1e-9, atol=1e-9)
+        compiled_graphs = counter.calls
+        be.set_alpha(0.0)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-12, atol=1e-12)
+        be.set_alpha(0.6)
+        torch.testing.assert_close(fast(x), _reference(model, stats, 0.6, x.clone()), rtol=1e-9, atol=1e-9)
+    assert counter.calls == compiled_graphs >= 2  # graph breaks: several graphs, none recompiled for alpha
+
+
+@pytest.mark.slow
+def test_backend_with_statistics_of_a_sparsified_graphmodule_and_inductor():
+    model = convnet().double()
+    data = [torch.randn(4, 3, 12, 12, dtype=torch.float64) for _ in range(2)]
+    gm = fxsparse.sparsify(model, data, alpha=0.25)
+    be = fxsparse.backend(fxsparse.statistics(gm), alpha=0.25)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=be)
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), gm(x), rtol=1e-9, atol=1e-9)
+
+
+def test_backend_refuses_missing_or_mismatched_statistics():
+    model = convnet()
+    x = torch.randn(2, 3, 12, 12)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no statistics for site"):
+        torch.compile(model, backend=fxsparse.backend({}, alpha=0.2, compiler=Counting()))(x)
+    bad = {"2": {"mean": torch.zeros(3), "std": torch.ones(3)}, "5": {"mean": torch.zeros(16), "std": torch.ones(16)}}
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="3 channels"):
+        torch.compile(model, backend=fxsparse.backend(bad, alpha=0.2, compiler=Counting()))(x)
+
+
+def test_export_and_reload_pt2(tmp_path):
+    model = convnet()
+    x = torch.randn(4, 3, 12, 12)
+    gm = fxsparse.sparsify(model, [torch.randn(8, 3, 12, 12)], alpha=0.3)
+    program = torch.export.export(gm, (x,))
+    path = tmp_path / "sparsified.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+        assert not torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.slow
+def test_inductor_fuses_the_operator_into_existing_kernels():
+    from torch._inductor.utils import run_and_get_code
+
+    model = convnet()
+    x = torch.randn(4, 3, 12, 12)
+    gm = fxsparse.sparsify(model, [x], alpha=0.2)
+
+    def kernels(m):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            _, code = run_and_get_code(torch.compile(m), x)
+        return re.findall(r"(cpp_fused_\w+|triton_\w+) = async_compile", "\n".join(code))
+
+    plain, sparse = kernels(model), kernels(gm)
+    assert len(sparse) == len(plain)  # no extra pass over memory
+    assert sum("where" in k for k in sparse) == 2  # both operators fused, each into an existing kernel

@@ -1,0 +1,111 @@
+"""Every bad input gets a specific fxsparse error (or warning) that says what to do; the user's model survives."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxsparse
+from bad_inputs import BAD_INPUTS, X, small_model
+
+
+def _snapshot(model: nn.Module):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modes": [m.training for m in model.modules()],
+        "types": [type(m) for m in model.modules()],
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    }
+
+
+def _same(before, after) -> bool:
+    return (before["modes"] == after["modes"] and before["types"] == after["types"]
+            and before["hooks"] == after["hooks"] and before["state"].keys() == after["state"].keys()
+            and all(torch.equal(before["state"][k], after["state"][k]) for k in before["state"]))
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.what for c in BAD_INPUTS])
+def test_bad_input_gets_a_specific_message_and_leaves_the_model_alone(case, tmp_path):
+    model = small_model()
+    before = _snapshot(model)
+    if issubclass(case.expect, Warning):
+        with pytest.warns(case.expect) as record:
+            gm = case.run(model, str(tmp_path))
+        message = str(record[0].message)
+        assert not fxsparse.meansparse_ops(gm)
+    else:
+        with pytest.raises(case.expect) as info:
+            case.run(model, str(tmp_path))
+        assert isinstance(info.value, fxsparse.FxsparseError)
+        message = str(info.value)
+    assert len(message) > 30, message
+    assert _same(before, _snapshot(model))
+
+
+def test_failing_batch_names_the_layer_and_what_prepare_saw():
+    gm = fxsparse.prepare(small_model(), X)
+    with pytest.raises(fxsparse.CalibrationError) as info:
+        fxsparse.calibrate(gm, [X, torch.randn(2, 5, 6, 6)])
+    message = str(info.value)
+    assert "batch 1" in message and "layer 'conv' (Conv2d)" in message
+    assert "(2, 5, 6, 6) float32" in message and "prepare saw inputs [(4, 3, 6, 6) float32]" in message
+
+
+def test_non_finite_values_name_site_batch_and_source():
+    gm = fxsparse.prepare(small_model(), X)
+    nan = X.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(fxsparse.CalibrationError, match=r"site\(s\) \['act', 'act2'\] in calibration batch 1.*"
+                                                        "batch itself holds NaN"):
+        fxsparse.calibrate(gm, [X, nan])
+    big = nn.Linear(6, 6)
+    with torch.no_grad():
+        big.weight.fill_(1e30)
+    with pytest.raises(fxsparse.CalibrationError, match=r"site\(s\) \['1'\] in calibration batch 0.*model overflows"):
+        fxsparse.calibrate(fxsparse.prepare(nn.Sequential(big, nn.ReLU()), X), [X * 1e10])
+
+
+def test_site_channel_mismatch_names_the_site():
+    gm = fxsparse.prepare(nn.Sequential(nn.ReLU()), X)
+    with pytest.raises(fxsparse.CalibrationError, match="batch 0: site '0' expects 3 channels along dim 1, but its "
+                                                        r"input has shape \(2, 7, 6, 6\)"):
+        fxsparse.calibrate(gm, [torch.randn(2, 7, 6, 6)])
+
+
+def test_capture_failure_names_the_model_and_each_path():
+    from bad_inputs import DataDependent
+
+    with pytest.raises(fxsparse.CaptureError) as info:
+        fxsparse.prepare(DataDependent(), X)
+    message = str(info.value)
+    assert "DataDependent" in message and "fx:" in message and "export:" in message
+
+
+def test_model_without_activation_warns_and_stays_usable():
+    """The choice: a model with nothing to sparsify is not an error. prepare and sparsify warn and return the
+    captured model unchanged; calibrate and set_alpha on it warn and do nothing; save/load round-trip it."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).eval()
+    x = torch.randn(5, 3)
+    with pytest.warns(fxsparse.NoActivationWarning, match="Sequential has no activation"):
+        gm = fxsparse.sparsify(model, [x], alpha=0.3)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    with pytest.warns(fxsparse.NoActivationWarning, match="nothing to calibrate"):
+        fxsparse.calibrate(gm, [x])
+    with pytest.warns(fxsparse.NoActivationWarning, match="alpha changes nothing"):
+        fxsparse.set_alpha(gm, 0.2)
+    with pytest.raises(fxsparse.SelectionError, match="no site named"):
+        fxsparse.set_alpha(gm, {"0": 0.2})
+    assert len(fxsparse.audit(gm)) == 0
+
+
+def test_no_warning_when_there_are_sites():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxsparse.NoActivationWarning)
+        fxsparse.sparsify(small_model(), [X], alpha=0.1)
+
+
+def test_every_error_class_is_an_fxsparse_error():
+    for cls in (fxsparse.CaptureError, fxsparse.CalibrationError, fxsparse.SelectionError, fxsparse.PersistenceError):
+        assert issubclass(cls, fxsparse.FxsparseError)
+    assert issubclass(fxsparse.NoActivationWarning, UserWarning)
