@@ -33,7 +33,6 @@ import time
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -101,7 +100,8 @@ def _row(report) -> Dict[str, float]:
     return out
 
 
-def run_one(activation: str, seed: int, cfg: dict, out_dir: str, autoattack: int, log=print) -> dict:
+def run_one(activation: str, seed: int, cfg: dict, out_dir: str, autoattack: int, log=print,
+            device: str = "cpu") -> dict:
     path = os.path.join(out_dir, f"{activation}-s{seed}.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -110,14 +110,14 @@ def run_one(activation: str, seed: int, cfg: dict, out_dir: str, autoattack: int
             return done
     else:
         done = None
-    splits = demo.load_digits_splits(seed)
+    splits = {k: (x.to(device), y.to(device)) for k, (x, y) in demo.load_digits_splits(seed).items()}
     train_cfg = dict(demo.CONFIG, seed=seed, epochs=cfg["epochs"], width=cfg["width"], eps=cfg["eps"],
                      train_steps=cfg["train_steps"])
     weights = os.path.join(out_dir, f"{activation}-s{seed}.pt")
-    model = build(activation, cfg["width"], seed)
+    model = build(activation, cfg["width"], seed).to(device)
     t0 = time.time()
     if os.path.exists(weights):
-        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.load_state_dict(torch.load(weights, weights_only=True, map_location=device))
     else:
         demo.train_pgd_at(splits, train_cfg, log=None, model=model)
         torch.save(model.state_dict(), weights)
@@ -128,7 +128,8 @@ def run_one(activation: str, seed: int, cfg: dict, out_dir: str, autoattack: int
     if done is None:
         done = _measure(model, gm, splits, cfg, log)
         done.update(activation=activation, seed=seed, train_seconds=round(train_s, 1),
-                    sizes={k: len(v[1]) for k, v in splits.items()}, sites=len(fxsparse.audit(gm)))
+                    sizes={k: len(v[1]) for k, v in splits.items()}, sites=len(fxsparse.audit(gm)),
+                    device=str(torch.cuda.get_device_name() if device.startswith("cuda") else device))
     if autoattack:
         done["autoattack"] = _autoattack(model, gm, splits, done["chosen"]["alpha"], eps, autoattack)
     with open(path + ".tmp", "w") as f:
@@ -256,7 +257,7 @@ def report(out_dir: str, png: str) -> str:
         lines.append(f"| {act} | {_ms(s['alpha0']['apgd_ce'] for s in rs)} | {_ms(s['chosen']['apgd_ce'] for s in rs)} | "
                      f"{_ms(s['chosen']['apgd_ce_bpda'] for s in rs)} | {_ms(s['alpha0']['apgd_t'] for s in rs)} | "
                      f"{_ms(s['chosen']['apgd_t'] for s in rs)} | {_ms(s['chosen']['apgd_t_bpda'] for s in rs)} |")
-    aa = [r for r in runs if "autoattack" in r]
+    aa = sorted((r for r in runs if "autoattack" in r), key=lambda r: (acts.index(r["activation"]), r["seed"]))
     if aa:
         lines += ["", "Standard AutoAttack (reference, APGD-CE + APGD-T + FAB-T + Square)", "",
                   "| activation | seed | n | alpha 0 | chosen alpha | AutoAttack chosen | BPDA-AutoAttack chosen |",
@@ -265,6 +266,9 @@ def report(out_dir: str, png: str) -> str:
             a0, c = r["autoattack"]["alpha0"], r["autoattack"]["chosen"]
             lines.append(f"| {r['activation']} | {r['seed']} | {a0['n']} | {100 * a0['autoattack']:.1f} | "
                          f"{c['alpha']:g} | {100 * c['autoattack']:.1f} | {100 * c['autoattack_bpda']:.1f} |")
+        for key, label in (("autoattack", "AutoAttack"), ("autoattack_bpda", "BPDA-AutoAttack")):
+            values = [r["autoattack"]["chosen"][key] - r["autoattack"]["alpha0"]["autoattack"] for r in aa]
+            lines.append(f"\n{label}, chosen alpha minus alpha 0: {_interval(values)}")
     def change(part, key, base_key=None):
         if part == "test":
             return [r["chosen"][key] - r["curve"][0][base_key or key] for r in runs]
@@ -357,7 +361,7 @@ def main(argv=None) -> int:
     parser.add_argument("--autoattack", type=int, default=0, metavar="N",
                         help="also run standard AutoAttack on the first N test images (seed 0 only unless --seeds)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
-    parser.add_argument("--device", default=None, help="accepted for the record; the digits runs use the CPU")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (training, attacks and evaluation)")
     parser.add_argument("--report", action="store_true", help="summarise the results folder and draw the plot")
     parser.add_argument("--png", default=os.path.join(HERE, "reproduce_alpha.png"))
     args = parser.parse_args(argv)
@@ -376,7 +380,7 @@ def main(argv=None) -> int:
         for act in args.activations:
             aa = args.autoattack if (args.autoattack and (args.seeds or seed == seeds[0])) else 0
             run_one(act, seed, cfg, out_dir, aa, log=lambda m: print(f"[{time.time() - start:6.0f} s] {m}",
-                                                                         flush=True))
+                                                                         flush=True), device=args.device)
     print(f"done in {time.time() - start:.0f} s", flush=True)
     return 0
 

@@ -15,7 +15,6 @@ import dataclasses
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from fxsparse.controls import set_alpha

@@ -122,18 +122,33 @@ def residual_joins(gm: fx.GraphModule) -> List[Join]:
         if any(node_shape(a) != shape for a in operands):
             continue
         a, b = operands
-        anc_a, anc_b = _ancestors(a), _ancestors(b)
-        if a in anc_b or _through_identities(gm, a) in anc_b:
-            joins.append(Join(node, a, b))
-        elif b in anc_a or _through_identities(gm, b) in anc_a:
-            joins.append(Join(node, b, a))
+        anc = {a: _ancestors(a), b: _ancestors(b)}
+        join = None
+        if a in anc[b] or _through_identities(gm, a) in anc[b]:
+            join = Join(node, a, b)
+        elif b in anc[a] or _through_identities(gm, b) in anc[a]:
+            join = Join(node, b, a)
         else:
             scope = node.meta.get(PATH_META, "")
             if scope and _frontier(a, scope) & _frontier(b, scope):
-                inner_a = sum(_inside(n, scope) for n in anc_a)
-                inner_b = sum(_inside(n, scope) for n in anc_b)
-                joins.append(Join(node, a, b) if inner_a <= inner_b else Join(node, b, a))
+                inner_a = sum(_inside(n, scope) for n in anc[a])
+                inner_b = sum(_inside(n, scope) for n in anc[b])
+                join = Join(node, a, b) if inner_a <= inner_b else Join(node, b, a)
+        if join is not None and _learned(gm, anc[join.branch] - anc[join.skip] - {join.skip}):
+            joins.append(join)
     return joins
+
+
+def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
+    """Whether a branch uses weights (a module with parameters, a get_attr, or an export graph's lifted
+    parameter): x + 0.044715 * x ** 3 inside a tanh GELU is arithmetic, not a residual branch."""
+    for n in nodes:
+        if n.op in ("get_attr", "placeholder"):
+            return True
+        mod = _module(gm, n)
+        if mod is not None and next(mod.parameters(), None) is not None:
+            return True
+    return False
 
 
 def _linear_like(gm: fx.GraphModule, node: fx.Node) -> bool:

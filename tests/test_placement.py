@@ -135,3 +135,24 @@ def test_placement_names_and_errors():
     with pytest.warns(fxsparse.NoActivationWarning):
         gm = fxsparse.prepare(model, torch.randn(2, 4), select={"exclude": ["*"]}, placement=["activations", "mlp_out"])
     assert not fxsparse.meansparse_ops(gm)
+
+
+class TanhGelu(nn.Module):
+    """A residual block whose activation is a hand-written tanh GELU: its x + c * x ** 3 is not a join."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = 0.5 * h * (1 + torch.tanh(0.7978845608 * (h + 0.044715 * h ** 3)))
+        return x + h
+
+
+def test_arithmetic_adds_are_not_residual_joins():
+    model = TanhGelu().eval()
+    gm = fxsparse.capture(model, (torch.randn(2, 8),))
+    joins = fxsparse.residual_joins(gm)
+    assert len(joins) == 1 and joins[0].skip.op == "placeholder"
+
