@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import fxsparse  # noqa: E402
 from models import MODELS, build  # noqa: E402
+from perf import forward_and_calibration  # noqa: E402
 
 
 def median_time(fn, repeats):
@@ -53,15 +54,7 @@ def main():
         example = data[0][:2]
         t_prep = median_time(lambda: fxsparse.prepare(model, example), args.repeats)
         gm = fxsparse.prepare(model, example)
-
-        def plain():
-            with torch.no_grad():
-                for x in data:
-                    model(x)
-
-        def calib():
-            fxsparse.calibrate(gm, data, measure=False, progress=False)
-
+        plain, calib = forward_and_calibration(model, gm, data)
         plain()
         t_fwd, t_cal = [], []
         for _ in range(args.repeats):  # interleaved

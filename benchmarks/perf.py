@@ -56,6 +56,20 @@ def interleaved(fns, device, rounds, repeats):
     return [statistics.median(s) for s in samples]
 
 
+def forward_and_calibration(model, gm, data):
+    """Two callables over the same batches: the plain eval forward of `model`, and the calibration statistics
+    pass of its sparsified `gm`."""
+    def plain():
+        with torch.no_grad():
+            for x in data:
+                model(x)
+
+    def calib():
+        fxsparse.calibrate(gm, data, measure=False, progress=False)
+
+    return plain, calib
+
+
 def build(name, device, dtype):
     import timm
 
@@ -96,16 +110,7 @@ def part_calib(args, device, dtype):
     model = torchvision.models.resnet18().eval().to(device, dtype)
     data = [torch.randn(args.calib_batch, 3, args.calib_size, args.calib_size, device=device, dtype=dtype)
             for _ in range(args.calib_batches)]
-    gm = fxsparse.prepare(model, data[0])
-
-    def plain():
-        with torch.no_grad():
-            for x in data:
-                model(x)
-
-    def calib():
-        fxsparse.calibrate(gm, data, measure=False, progress=False)
-
+    plain, calib = forward_and_calibration(model, fxsparse.prepare(model, data[0]), data)
     calib()
     t_plain, t_calib = interleaved([plain, calib], device, args.rounds, 1)
     print("| plain forward | calibration | ratio |\n|---|---|---|")

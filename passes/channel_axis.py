@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxsparse.ops import MeanSparse
+from fxsparse.passes.composites import op_name
 from fxsparse.passes.shapes import node_shape
 
 _MAX_WALK = 64
@@ -140,26 +141,14 @@ _SPLIT_NAMES = {"split", "chunk", "tensor_split", "split_with_sizes"}
 
 
 def _is_split(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _SPLIT_NAMES
-    if node.op == "call_function":
-        packet = _packet(node.target)
-        name = packet.__name__ if packet is not None else getattr(node.target, "__name__", "")
-        return name in _SPLIT_NAMES
-    return False
+    return op_name(node) in _SPLIT_NAMES
 
 
 _RESHAPE_NAMES = {"reshape", "view", "flatten", "unflatten", "_unsafe_view"}
 
 
 def _is_reshape(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _RESHAPE_NAMES
-    if node.op == "call_function":
-        packet = _packet(node.target)
-        name = packet.__name__ if packet is not None else getattr(node.target, "__name__", "")
-        return name in _RESHAPE_NAMES
-    return False
+    return op_name(node) in _RESHAPE_NAMES
 
 
 def _through_reshape(gm: fx.GraphModule, node: fx.Node, depth: int) -> Optional[Tuple[int, str]]:
