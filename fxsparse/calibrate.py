@@ -147,10 +147,14 @@ def _run_pass(gm, data, observers: Dict[MeanSparse, Any], *, max_batches, progre
 
 
 def _check_finite(stats: Dict[MeanSparse, ChannelStats], i: int, inputs) -> None:
-    bad = [op.site for op, s in stats.items()
-           if s.last_batch_mean is not None and not bool(torch.isfinite(s.last_batch_mean).all())]
+    sums = [s.last_batch_sum for s in stats.values() if s.last_batch_sum is not None]
+    if not sums:
+        return
+    finite = bool(torch.cat([t.to(torch.float64).flatten() for t in sums]).isfinite().all())  # one sync
+    bad = [] if finite else [op.site for op, s in stats.items()
+                             if s.last_batch_sum is not None and not bool(s.last_batch_sum.isfinite().all())]
     for s in stats.values():
-        s.last_batch_mean = None
+        s.last_batch_sum = None
     if bad:
         source = ("the batch itself holds NaN or Inf" if not all(bool(torch.isfinite(t).all()) for t in inputs)
                   else "the batch is finite, so the model overflows or divides by zero on it")
