@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import types
 from typing import Callable, Optional
 
 import torch
@@ -45,18 +46,40 @@ def _band(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor) -> torch
     return torch.where((x - mean).abs() < threshold, mean, x)
 
 
-# Eager mode runs the four elementwise ops above as four passes over memory. Opt-in (FXSPARSE_FUSED_EAGER=1):
-# large tensors go through one kernel compiled by Inductor instead, every dense layout viewed as
-# (outer, C, inner) so that one compiled kernel (dynamic shapes) serves all ranks, channel axes and sizes.
-# Under torch.compile / export / tracing / dispatch modes the plain ops are used (and Inductor fuses them);
-# if compiling fails (recompile limit, no compiler), the plain ops are used from then on.
-FUSED_EAGER = os.environ.get("FXSPARSE_FUSED_EAGER", "0") == "1"
-FUSED_MIN_ELEMENTS = 1 << 16
+# Eager mode would run the four elementwise ops above as four passes over memory (plus temporaries). In
+# inference (no autograd graph), float32 / float64 inputs of at least FUSED_MIN_ELEMENTS elements go through
+# one Inductor-compiled kernel instead: every dense layout is viewed as (outer, C, inner), and one kernel with
+# dynamic sizes serves each (dtype, device, size-1 pattern) -- its own code object, so its own Dynamo cache
+# entry, and the recompile limit is never reached however many sites, ranks and shapes a process sees. The
+# first call of each kernel compiles it (about a second on CPU; Inductor caches it on disk for later
+# processes). Its bits equal the plain ops'. Gradients, low precision (Inductor would compute in float32,
+# eager in the input dtype), torch.compile / export / tracing / dispatch modes use the plain ops, which
+# Inductor fuses anyway. FXSPARSE_FUSED_EAGER=0 turns the kernel off; so does any failure to compile it.
+FUSED_EAGER = os.environ.get("FXSPARSE_FUSED_EAGER", "1") != "0"
+FUSED_MIN_ELEMENTS = 1 << 13  # below this, a compiled call's guard checks cost more than the plain ops
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _band_3d(x3: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The operator on an (outer, C, inner) view, from the raw state: the body of the fused kernel."""
+    m = mean.to(x3.dtype).view(1, -1, 1)
+    return torch.where((x3 - m).abs() < (alpha * std).to(x3.dtype).view(1, -1, 1), m, x3)
+
+
+def _band_3d_(x3: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return x3.copy_(_band_3d(x3, mean, std, alpha))
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_band():
-    return torch.compile(_band, dynamic=True)
+def _fused_band(key: tuple) -> Callable:
+    """The compiled kernel for one (dtype, device, size-1 pattern, in place) key, from a fresh code object."""
+    body = _band_3d_ if key[-1] else _band_3d
+    code = body.__code__.replace(co_name=f"{body.__name__}fused_{len(_fused_band.keys)}")
+    _fused_band.keys.append(key)
+    return torch.compile(types.FunctionType(code, body.__globals__, code.co_name), dynamic=True, fullgraph=True)
+
+
+_fused_band.keys = []  # type: ignore[attr-defined]
 
 
 def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
@@ -73,7 +96,11 @@ def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
 def _use_fused(x: torch.Tensor) -> bool:
     if not FUSED_EAGER or x.numel() < FUSED_MIN_ELEMENTS or type(x) is not torch.Tensor:
         return False
+    if x.dtype not in _FUSED_DTYPES or (x.requires_grad and torch.is_grad_enabled()):
+        return False
     if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -83,16 +110,17 @@ def _use_fused(x: torch.Tensor) -> bool:
 def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
                 inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
     """The operator as a function of its state (MeanSparse.forward, and the compile backend's graphs)."""
-    if not straight_through and not inplace and _use_fused(x):
+    if not straight_through and _use_fused(x):
         x3 = _as_3d(x, dim)
         if x3 is not None:
-            m3 = mean.to(x.dtype).view(1, -1, 1)
-            t3 = (alpha * std).to(x.dtype).view(1, -1, 1)
             try:
-                y3 = _fused_band()(x3, m3, t3)
+                key = (x.dtype, x.device, tuple(size == 1 for size in x3.shape), inplace)
+                y3 = _fused_band(key)(x3, mean, std, alpha)
             except Exception:  # keep serving with the plain ops
                 globals()["FUSED_EAGER"] = False
                 return mean_sparse(x, mean, std, alpha, dim, inplace, straight_through)
+            if inplace:
+                return x
             if x.is_contiguous():
                 return y3.view(x.shape)
             n, c, h, w = x.shape

@@ -139,9 +139,12 @@ def test_views_with_gaps_keep_their_strides(case):
 
 
 @pytest.mark.parametrize("shape,dim,channels_last", [((2, 8, 9, 7), 1, False), ((2, 8, 9, 7), 1, True),
-                                                     ((3, 11, 16), 2, False), ((5, 12), 1, False)])
-def test_fused_eager_kernel_equals_plain_ops(monkeypatch, shape, dim, channels_last):
-    """Large inputs take one compiled kernel in eager mode; it must give the plain ops' bits and gradients."""
+                                                     ((3, 11, 16), 2, False), ((5, 12), 1, False),
+                                                     ((1, 6, 5, 1), 1, False)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_eager_kernel_equals_plain_ops(monkeypatch, shape, dim, channels_last, inplace):
+    """In inference, inputs above FUSED_MIN_ELEMENTS take one compiled kernel in eager mode: the plain ops'
+    bits and strides, in place too. With autograd on, the plain ops run (and give the gradients)."""
     import fxsparse.ops as ops
 
     torch.manual_seed(0)
@@ -149,14 +152,55 @@ def test_fused_eager_kernel_equals_plain_ops(monkeypatch, shape, dim, channels_l
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     mean, std = torch.randn(shape[dim]), torch.rand(shape[dim]) + 0.1
+    monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
     results = []
     for fused in (True, False):
         monkeypatch.setattr(ops, "FUSED_EAGER", fused)
-        monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
-        xi = x.clone().requires_grad_(True)
-        y = ops.mean_sparse(xi, mean, std, torch.tensor(0.4), dim)
-        (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
-        results.append((y.detach(), y.stride(), xi.grad))
-        assert torch.equal(ops.mean_sparse(x, mean, std, torch.tensor(0.0), dim), x)
-    (y1, s1, g1), (y2, s2, g2) = results
-    assert torch.equal(y1, y2) and s1 == s2 == x.stride() and torch.equal(g1, g2)
+        compiled_before = len(ops._fused_band.keys)
+        xi = x.clone()
+        y = ops.mean_sparse(xi, mean, std, torch.tensor(0.4), dim, inplace=inplace)
+        assert (y is xi) == inplace
+        results.append((y, y.stride()))
+        if fused:  # the kernel for this (dtype, device, size-1 pattern, inplace) exists now
+            assert ops.FUSED_EAGER and len(ops._fused_band.keys) >= compiled_before
+            assert any(k[0] == x.dtype and k[-1] == inplace for k in ops._fused_band.keys)
+        assert torch.equal(ops.mean_sparse(x.clone(), mean, std, torch.tensor(0.0), dim, inplace=inplace), x)
+    (y1, s1), (y2, s2) = results
+    assert torch.equal(y1, y2) and s1 == s2 == x.stride()
+
+
+def test_fused_eager_kernel_is_skipped_under_autograd_and_low_precision(monkeypatch):
+    import fxsparse.ops as ops
+
+    monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
+    x = torch.randn(2, 3, 4)
+    assert ops._use_fused(x)
+    assert not ops._use_fused(x.clone().requires_grad_(True))
+    with torch.no_grad():
+        assert ops._use_fused(x.clone().requires_grad_(True))
+    assert not ops._use_fused(x.to(torch.bfloat16)) and not ops._use_fused(x.to(torch.float16))
+    assert not ops._use_fused(x.to("meta"))
+    xg = x.clone().requires_grad_(True)
+    y = ops.mean_sparse(xg, torch.zeros(4), torch.ones(4), torch.tensor(0.5), -1)
+    y.sum().backward()
+    assert torch.equal(xg.grad, (x.abs() >= 0.5).float())  # zero gradient inside the band
+
+
+def test_fused_eager_kernels_never_hit_the_recompile_limit(monkeypatch):
+    """One compiled kernel per (dtype, size-1 pattern, inplace), dynamic in the sizes: many shapes, ranks and
+    layouts in one process keep using it (a shared kernel used to fall back after 8 recompiles)."""
+    import fxsparse.ops as ops
+
+    monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(24):
+        shape = [(i % 3) + 1, 3 + i, (i % 5) + 2, (i % 4) + 1][: 2 + i % 3]
+        x = torch.randn(shape, generator=gen)
+        c = x.shape[1]
+        mean, std = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.1
+        y = ops.mean_sparse(x, mean, std, torch.tensor(0.3), 1)
+        monkeypatch.setattr(ops, "FUSED_EAGER", False)
+        assert torch.equal(y, ops.mean_sparse(x, mean, std, torch.tensor(0.3), 1))
+        monkeypatch.setattr(ops, "FUSED_EAGER", True)
+    assert ops.FUSED_EAGER  # no compile failure switched it off
+    assert len(ops._fused_band.keys) <= 8
