@@ -52,6 +52,23 @@ def test_channel_stats_match_float64_two_pass_for_any_batching_and_order(case, c
     assert ((fast.mean - mean).abs() <= bound).all() and ((fast.std - std).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("shape,dim", [((6, 5, 40), 1), ((3, 4, 9, 9), 1), ((4, 7, 33), 2), ((2, 3, 5, 6), 3)])
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (1e3, 1e-3), (-7.0, 50.0)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_stats_on_long_rows_and_both_moment_kernels(shape, dim, offset, scale, channels_last):
+    """Rows longer than SMALL_INNER take the shifted-sum path, short ones the batch-norm kernel; both stay
+    within float32 rounding of the float64 reference even when the mean dwarfs the spread."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * scale + offset
+    if channels_last and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    mean, std = _two_pass_reference(x, dim)
+    fast = ChannelStats(dim)
+    for part in torch.tensor_split(x, 2, dim=0):
+        fast.update(part)
+    bound = 1e-6 * (std + mean.abs())
+    assert ((fast.mean - mean).abs() <= bound).all() and ((fast.std - std).abs() <= bound).all()
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
