@@ -4,6 +4,8 @@
     python benchmarks/perf.py --parts infer --device cuda --dtype bfloat16 --size 224 --batches 1 32
 
 Parts:
+  targets   the issue's three CPU ratios (eager, compiled, calibration) on resnet18, batch 16, 64x64, each
+            against its target
   pass      capture + locate + splice time against graph size over a spread of timm models (meta device)
   calib     calibration time / plain eval forward over the same batches
   infer     latency and throughput, sparsified / original, eager and torch.compile'd, per model and batch
@@ -117,6 +119,51 @@ def part_calib(args, device, dtype):
     print(f"| {t_plain * 1000:.1f} ms | {t_calib * 1000:.1f} ms | {t_calib / t_plain:.3f} |")
 
 
+TARGETS = {"eager": 1.10, "compiled": 1.02, "calibration": 1.15}
+
+
+def part_targets(args, device, dtype):
+    """The issue's CPU targets, on their own configuration: torchvision resnet18, batch 16, 64x64, alpha 0.2.
+    Eager forwards and calibration are timed in one interleaved loop, the compiled forwards in another."""
+    import torchvision
+
+    print(f"\n## Targets (torchvision resnet18, batch {args.calib_batch}, {args.calib_size}x{args.calib_size}, "
+          f"{dtype}, alpha 0.2, {args.target_rounds} interleaved rounds)\n")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval().to(device, dtype)
+    data = [torch.randn(args.calib_batch, 3, args.calib_size, args.calib_size, device=device, dtype=dtype)
+            for _ in range(args.calib_batches)]
+    gm = fxsparse.sparsify(model, data, alpha=0.2, progress=False)
+    fresh = fxsparse.prepare(model, data[0])
+    plain, calib = forward_and_calibration(model, fresh, data)
+    compiled_model, compiled_gm = torch.compile(model, mode=args.mode), torch.compile(gm, mode=args.mode)
+
+    def run(m):
+        def f():
+            with torch.no_grad():
+                for x in data:
+                    m(x)
+        return f
+
+    # Two loops: compiled code leaves OpenMP threads spinning for a while after each call, which would slow
+    # whichever eager callable came next.
+    eager_fns, compiled_fns = [plain, run(gm), calib], [run(compiled_model), run(compiled_gm)]
+    for f in eager_fns + compiled_fns:
+        f()
+    t_eager = interleaved(eager_fns, device, args.target_rounds, 1)
+    t_compiled = interleaved(compiled_fns, device, args.target_rounds, 1)
+    t = [t_eager[0], t_eager[1], t_compiled[0], t_compiled[1], t_eager[2]]
+    rows = [("eager sparsified / original", t[1] / t[0], TARGETS["eager"]),
+            ("compiled sparsified / compiled original", t[3] / t[2], TARGETS["compiled"]),
+            ("calibration / plain eval forward", t[4] / t[0], TARGETS["calibration"])]
+    print(f"original eager {t[0] * 1000:.1f} ms, sparsified eager {t[1] * 1000:.1f} ms, original compiled "
+          f"{t[2] * 1000:.1f} ms, sparsified compiled {t[3] * 1000:.1f} ms, calibration {t[4] * 1000:.1f} ms "
+          f"({args.calib_batches} batches each)\n")
+    print("| ratio | measured | target | met |\n|---|---|---|---|")
+    for name, value, target in rows:
+        print(f"| {name} | {value:.3f} | <= {target:.2f} | {'yes' if value <= target else 'no'} |", flush=True)
+
+
 class AuthorsMeanSparse(nn.Module):
     """The operator as the authors wrote it, per its description: a host sync on the threshold every call and
     full-size temporaries for the difference, its absolute value, the mask and a mean-filled tensor."""
@@ -152,6 +199,19 @@ def with_authors_ops(gm):
     return out
 
 
+def plain_ops(fn):
+    """`fn` run with the fused eager kernel off: the operator as four plain elementwise ops."""
+    import fxsparse.ops as ops
+
+    def f():
+        saved, ops.FUSED_EAGER = ops.FUSED_EAGER, False
+        try:
+            fn()
+        finally:
+            ops.FUSED_EAGER = saved
+    return f
+
+
 def part_infer(args, device, dtype, authors_only=False):
     title = "Authors' operator against fxsparse's" if authors_only else "Inference, sparsified / original"
     print(f"\n## {title} ({device.type}, {dtype}, {args.size}x{args.size}, alpha 0.2)\n")
@@ -159,18 +219,18 @@ def part_infer(args, device, dtype, authors_only=False):
         print("| model | batch | fxsparse eager | authors eager | authors / fxsparse | fxsparse compiled "
               "| authors compiled | authors / fxsparse |\n|---|---|---|---|---|---|---|---|")
     else:
-        print("| model | batch | original eager | sparsified eager | ratio | original compiled | sparsified compiled "
-              "| ratio | sparsified img/s (compiled) |\n|---|---|---|---|---|---|---|---|---|")
+        print("| model | batch | original eager | sparsified eager | ratio | sparsified eager, plain ops | ratio "
+              "| original compiled | sparsified compiled | ratio | sparsified img/s (compiled) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
     models = args.authors_models if authors_only else args.models
+    ms = lambda t: f"{t * 1000:.2f} ms" if isinstance(t, float) else t  # noqa: E731
+    ratio = lambda p, q: f"{q / p:.3f}" if isinstance(p, float) else "-"  # noqa: E731
     for name in models:
         model = build(name, device, dtype)
         for batch in args.batches:
             x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype)
             gm = fxsparse.sparsify(model, [x], alpha=0.2, progress=False)
-            a = with_authors_ops(gm) if authors_only else model
-            b = gm
-            if authors_only:
-                a, b = gm, with_authors_ops(gm)
+            a, b = (gm, with_authors_ops(gm)) if authors_only else (model, gm)
 
             def run(m):
                 def f():
@@ -178,8 +238,10 @@ def part_infer(args, device, dtype, authors_only=False):
                         m(x)
                 return f
 
-            run(a)(), run(b)()
-            eager = interleaved([run(a), run(b)], device, args.rounds, args.repeats)
+            fns = [run(a), run(b)] + ([] if authors_only else [plain_ops(run(b))])
+            for f in fns:
+                f()
+            eager = interleaved(fns, device, args.rounds, args.repeats)
             compiled = ["-", "-"]
             if not args.no_compile:
                 torch._dynamo.reset()
@@ -188,17 +250,19 @@ def part_infer(args, device, dtype, authors_only=False):
                 for _ in range(3):
                     run(ca)(), run(cb)()
                 compiled = interleaved([run(ca), run(cb)], device, args.rounds, args.repeats)
-            ms = lambda t: f"{t * 1000:.2f} ms" if isinstance(t, float) else t  # noqa: E731
-            ratio = lambda p, q: f"{q / p:.3f}" if isinstance(p, float) else "-"  # noqa: E731
-            tail = "" if authors_only else (
-                f" | {batch / compiled[1]:.1f}" if isinstance(compiled[1], float) else " | -")
-            print(f"| {name} | {batch} | {ms(eager[0])} | {ms(eager[1])} | {ratio(*eager)} | {ms(compiled[0])} "
-                  f"| {ms(compiled[1])} | {ratio(*compiled)}{tail} |", flush=True)
+            if authors_only:
+                print(f"| {name} | {batch} | {ms(eager[0])} | {ms(eager[1])} | {ratio(*eager[:2])} | "
+                      f"{ms(compiled[0])} | {ms(compiled[1])} | {ratio(*compiled)} |", flush=True)
+            else:
+                rate = f"{batch / compiled[1]:.1f}" if isinstance(compiled[1], float) else "-"
+                print(f"| {name} | {batch} | {ms(eager[0])} | {ms(eager[1])} | {ratio(*eager[:2])} | "
+                      f"{ms(eager[2])} | {ratio(eager[0], eager[2])} | {ms(compiled[0])} | {ms(compiled[1])} | "
+                      f"{ratio(*compiled)} | {rate} |", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["pass", "calib", "infer", "authors"])
+    parser.add_argument("--parts", nargs="+", default=["targets", "pass", "calib", "infer", "authors"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--models", nargs="+", default=INFER_MODELS)
@@ -212,11 +276,14 @@ def main():
     parser.add_argument("--calib-batch", type=int, default=16)
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--calib-batches", type=int, default=8)
+    parser.add_argument("--target-rounds", type=int, default=21, help="interleaved rounds of the targets part")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"# {platform.node()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
           + f", {time.strftime('%Y-%m-%d %H:%M')}")
+    if "targets" in args.parts:
+        part_targets(args, device, dtype)
     if "pass" in args.parts:
         part_pass(args)
     if "calib" in args.parts:
