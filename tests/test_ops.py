@@ -192,6 +192,7 @@ def test_fused_eager_kernels_never_hit_the_recompile_limit(monkeypatch):
     import fxsparse.ops as ops
 
     monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
+    before = set(ops._fused_band.keys)
     gen = torch.Generator().manual_seed(1)
     for i in range(24):
         shape = [(i % 3) + 1, 3 + i, (i % 5) + 2, (i % 4) + 1][: 2 + i % 3]
@@ -203,4 +204,4 @@ def test_fused_eager_kernels_never_hit_the_recompile_limit(monkeypatch):
         assert torch.equal(y, ops.mean_sparse(x, mean, std, torch.tensor(0.3), 1))
         monkeypatch.setattr(ops, "FUSED_EAGER", True)
     assert ops.FUSED_EAGER  # no compile failure switched it off
-    assert len(ops._fused_band.keys) <= 8
+    assert len(set(ops._fused_band.keys) - before) <= 8  # float32, not in place: at most 2^3 size-1 patterns
