@@ -150,7 +150,7 @@ def _check_finite(stats: Dict[MeanSparse, ChannelStats], i: int, inputs) -> None
     sums = [s.last_batch_sum for s in stats.values() if s.last_batch_sum is not None]
     if not sums:
         return
-    finite = bool(torch.cat([t.to(torch.float64).flatten() for t in sums]).isfinite().all())  # one sync
+    finite = bool(torch.cat(sums).isfinite().all())  # one sync per batch; cat promotes float32 to float64
     bad = [] if finite else [op.site for op, s in stats.items()
                              if s.last_batch_sum is not None and not bool(s.last_batch_sum.isfinite().all())]
     for s in stats.values():

@@ -171,7 +171,8 @@ def _moments(batches) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
     mean = S / n, M2 = Q - n (mean - c)^2 (the shift's rounding corrected exactly)."""
     ns = [b[0] for b in batches]
     n = torch.tensor(ns, dtype=torch.float64, device=batches[0][1].device)[:, None]
-    total, shift, squares = (torch.stack([b[i].double() for b in batches]) for i in (1, 2, 3))
+    # stack promotes mixed float32 / float64 parts; one conversion per quantity, not one per batch
+    total, shift, squares = (torch.stack([b[i] for b in batches]).double() for i in (1, 2, 3))
     mean = total / n
     return ns, mean, (squares - n * (mean - shift) ** 2).clamp_min(0)
 
