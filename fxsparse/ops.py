@@ -24,7 +24,7 @@ class _StraightThroughWhere(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, threshold):
-        return torch.where((x - mean).abs() < threshold, mean, x)
+        return _band(x, mean, threshold)
 
     @staticmethod
     def backward(ctx, grad):
@@ -49,7 +49,7 @@ def _band(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor) -> torch
 # Eager mode would run the four elementwise ops above as four passes over memory (plus temporaries). In
 # inference (no autograd graph), float32 / float64 inputs of at least FUSED_MIN_ELEMENTS elements go through
 # one Inductor-compiled kernel instead: every dense layout is viewed as (outer, C, inner), and one kernel with
-# dynamic sizes serves each (dtype, device, size-1 pattern) -- its own code object, so its own Dynamo cache
+# dynamic sizes serves each (dtype, device, size-1 pattern, in-place flag) -- its own code object, so its own Dynamo cache
 # entry, and the recompile limit is never reached however many sites, ranks and shapes a process sees. The
 # first call of each kernel compiles it (about a second on CPU; Inductor caches it on disk for later
 # processes). Its bits equal the plain ops'. Gradients, low precision (Inductor would compute in float32,
@@ -62,8 +62,7 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 
 def _band_3d(x3: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """The operator on an (outer, C, inner) view, from the raw state: the body of the fused kernel."""
-    m = mean.to(x3.dtype).view(1, -1, 1)
-    return torch.where((x3 - m).abs() < (alpha * std).to(x3.dtype).view(1, -1, 1), m, x3)
+    return _band(x3, mean.to(x3.dtype).view(1, -1, 1), (alpha * std).to(x3.dtype).view(1, -1, 1))
 
 
 def _band_3d_(x3: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
