@@ -233,9 +233,10 @@ def calibrate(
             iterators, which cannot be read twice).
         checkpoint: a file for partial statistics, written every `checkpoint_every` batches; if it exists,
             calibration resumes from it (replay the data in the same order). Deleted when calibration ends.
-        exact: take each batch's moments in float64 (about 1.5-2x the cost of a forward pass on CPU). The
-            default takes them per row of the activation in its own dtype (one fast pass; each row's mean and
-            variance rounded once) and merges in float64: relative error about 1e-6 (std + |mean|).
+        exact: take each batch's moments in float64 (the batch is converted first). The default takes them
+            in the activation's own dtype (a sum, then the sum of squared deviations from the batch mean; ATen's
+            batch-norm statistics for short rows) and merges batches in float64: error within 1e-6 x
+            (std + |mean|).
 
     A model prepared without any selected activation has no operators: calibrate warns
     (NoActivationWarning) and returns it unchanged.

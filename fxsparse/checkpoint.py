@@ -51,10 +51,9 @@ class CalibrationCheckpoint:
         try:
             for name, op in self.ops.items():
                 if f"{name}/mean" in tensors:
-                    s = stats[op]
-                    s.count = int(tensors[f"{name}/count"])
-                    # where the batch moments will be computed, so later merges need no copies
-                    s.mean, s.m2 = (tensors[f"{name}/{k}"].to(op.mean.device) for k in ("mean", "m2"))
+                    # on the device where the batch moments will be computed, so later merges need no copies
+                    mean, m2 = (tensors[f"{name}/{k}"].to(op.mean.device) for k in ("mean", "m2"))
+                    stats[op].merge(int(tensors[f"{name}/count"]), mean, m2)  # into empty statistics: a copy
                 if phase == "measure":
                     counters[op].counts = tensors[f"{name}/zscore_counts"]
                     counters[op].total = int(tensors[f"{name}/zscore_total"])

@@ -136,30 +136,15 @@ class ChannelStats:
         self._flush()
         return self._count
 
-    @count.setter
-    def count(self, value: int) -> None:
-        self._flush()
-        self._count = int(value)
-
     @property
     def mean(self) -> Optional[torch.Tensor]:
         self._flush()
         return self._mean
 
-    @mean.setter
-    def mean(self, value: Optional[torch.Tensor]) -> None:
-        self._flush()
-        self._mean = value
-
     @property
     def m2(self) -> Optional[torch.Tensor]:
         self._flush()
         return self._m2
-
-    @m2.setter
-    def m2(self, value: Optional[torch.Tensor]) -> None:
-        self._flush()
-        self._m2 = value
 
     @property
     def std(self) -> torch.Tensor:
