@@ -18,6 +18,7 @@ Random-init models; statistics from random inputs (speed does not depend on them
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -58,18 +59,22 @@ def interleaved(fns, device, rounds, repeats):
     return [statistics.median(s) for s in samples]
 
 
+def forwards(model, batches):
+    """A callable running `model` over `batches` without autograd."""
+    def f():
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    return f
+
+
 def forward_and_calibration(model, gm, data):
     """Two callables over the same batches: the plain eval forward of `model`, and the calibration statistics
     pass of its sparsified `gm`."""
-    def plain():
-        with torch.no_grad():
-            for x in data:
-                model(x)
-
     def calib():
         fxsparse.calibrate(gm, data, measure=False, progress=False)
 
-    return plain, calib
+    return forwards(model, data), calib
 
 
 def build(name, device, dtype):
@@ -103,15 +108,21 @@ def part_pass(args):
     print(f"\nLeast-squares fit: {1000 * slope:.3f} ms per node, R^2 = {1 - ss_res / ss_tot:.3f}")
 
 
-def part_calib(args, device, dtype):
+def resnet18_and_batches(args, device, dtype):
+    """The targets' configuration: torchvision resnet18 (random init) and `--calib-batches` random batches."""
     import torchvision
 
-    print(f"\n## Calibration / plain forward (resnet18, batch {args.calib_batch}, {args.calib_size}x"
-          f"{args.calib_size}, {args.calib_batches} batches, {dtype})\n")
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval().to(device, dtype)
     data = [torch.randn(args.calib_batch, 3, args.calib_size, args.calib_size, device=device, dtype=dtype)
             for _ in range(args.calib_batches)]
+    return model, data
+
+
+def part_calib(args, device, dtype):
+    print(f"\n## Calibration / plain forward (resnet18, batch {args.calib_batch}, {args.calib_size}x"
+          f"{args.calib_size}, {args.calib_batches} batches, {dtype})\n")
+    model, data = resnet18_and_batches(args, device, dtype)
     plain, calib = forward_and_calibration(model, fxsparse.prepare(model, data[0]), data)
     calib()
     t_plain, t_calib = interleaved([plain, calib], device, args.rounds, 1)
@@ -125,26 +136,14 @@ TARGETS = {"eager": 1.10, "compiled": 1.02, "calibration": 1.15}
 def part_targets(args, device, dtype):
     """The issue's CPU targets, on their own configuration: torchvision resnet18, batch 16, 64x64, alpha 0.2.
     Eager forwards and calibration are timed in one interleaved loop, the compiled forwards in another."""
-    import torchvision
-
     print(f"\n## Targets (torchvision resnet18, batch {args.calib_batch}, {args.calib_size}x{args.calib_size}, "
           f"{dtype}, alpha 0.2, {args.target_rounds} interleaved rounds)\n")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval().to(device, dtype)
-    data = [torch.randn(args.calib_batch, 3, args.calib_size, args.calib_size, device=device, dtype=dtype)
-            for _ in range(args.calib_batches)]
+    model, data = resnet18_and_batches(args, device, dtype)
     gm = fxsparse.sparsify(model, data, alpha=0.2, progress=False)
     fresh = fxsparse.prepare(model, data[0])
     plain, calib = forward_and_calibration(model, fresh, data)
     compiled_model, compiled_gm = torch.compile(model, mode=args.mode), torch.compile(gm, mode=args.mode)
-
-    def run(m):
-        def f():
-            with torch.no_grad():
-                for x in data:
-                    m(x)
-        return f
-
+    run = functools.partial(forwards, batches=data)
     # Two loops: compiled code leaves OpenMP threads spinning for a while after each call, which would slow
     # whichever eager callable came next.
     eager_fns, compiled_fns = [plain, run(gm), calib], [run(compiled_model), run(compiled_gm)]
@@ -231,13 +230,7 @@ def part_infer(args, device, dtype, authors_only=False):
             x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype)
             gm = fxsparse.sparsify(model, [x], alpha=0.2, progress=False)
             a, b = (gm, with_authors_ops(gm)) if authors_only else (model, gm)
-
-            def run(m):
-                def f():
-                    with torch.no_grad():
-                        m(x)
-                return f
-
+            run = functools.partial(forwards, batches=[x])
             fns = [run(a), run(b)] + ([] if authors_only else [plain_ops(run(b))])
             for f in fns:
                 f()
