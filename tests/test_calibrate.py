@@ -52,7 +52,8 @@ def test_channel_stats_match_float64_two_pass_for_any_batching_and_order(case, c
     assert ((fast.mean - mean).abs() <= bound).all() and ((fast.std - std).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("shape,dim", [((6, 5, 40), 1), ((3, 4, 9, 9), 1), ((4, 7, 33), 2), ((2, 3, 5, 6), 3)])
+@pytest.mark.parametrize("shape,dim", [((6, 5, 40), 1), ((3, 4, 9, 9), 1), ((4, 7, 33), 2), ((2, 3, 5, 6), 3),
+                                       ((5, 6, 3, 3), 1), ((4, 3, 8), 1)])
 @pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (1e3, 1e-3), (-7.0, 50.0)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_channel_stats_on_long_rows_and_both_moment_kernels(shape, dim, offset, scale, channels_last):
