@@ -17,6 +17,7 @@ alpha from it.
 from __future__ import annotations
 
 import collections.abc
+import itertools
 import math
 import os
 import sys
@@ -72,7 +73,7 @@ def _total(data: Any, max_batches: Optional[int]) -> Optional[int]:
 
 
 def _device(gm: nn.Module) -> Optional[torch.device]:
-    for t in list(gm.parameters()) + list(gm.buffers()):
+    for t in itertools.chain(gm.parameters(), gm.buffers()):
         return t.device
     return None
 
@@ -147,14 +148,14 @@ def _run_pass(gm, data, observers: Dict[MeanSparse, Any], *, max_batches, progre
 
 
 def _check_finite(stats: Dict[MeanSparse, ChannelStats], i: int, inputs) -> None:
-    sums = [s.last_batch_sum for s in stats.values() if s.last_batch_sum is not None]
+    sums = [s.last_batch_mean for s in stats.values() if s.last_batch_mean is not None]
     if not sums:
         return
     finite = bool(torch.cat(sums).isfinite().all())  # one sync per batch; cat promotes float32 to float64
     bad = [] if finite else [op.site for op, s in stats.items()
-                             if s.last_batch_sum is not None and not bool(s.last_batch_sum.isfinite().all())]
+                             if s.last_batch_mean is not None and not bool(s.last_batch_mean.isfinite().all())]
     for s in stats.values():
-        s.last_batch_sum = None
+        s.last_batch_mean = None
     if bad:
         source = ("the batch itself holds NaN or Inf" if not all(bool(torch.isfinite(t).all()) for t in inputs)
                   else "the batch is finite, so the model overflows or divides by zero on it")

@@ -208,10 +208,15 @@ def meansparse_ops(model: nn.Module) -> "dict[str, MeanSparse]":
         for node in graph.nodes:
             if node.op == "call_module":
                 sub = model.get_submodule(node.target)
-                ordered.extend(m for m in sub.modules() if isinstance(m, MeanSparse))
+                if isinstance(sub, MeanSparse):
+                    ordered.append(sub)
+                elif next(sub.children(), None) is not None:  # a leaf with submodules may hold operators
+                    ordered.extend(m for m in sub.modules() if isinstance(m, MeanSparse))
     ordered.extend(m for m in model.modules() if isinstance(m, MeanSparse))
     out: "dict[str, MeanSparse]" = {}
+    seen = set()
     for m in ordered:
-        if m not in out.values():
+        if id(m) not in seen:
+            seen.add(id(m))
             out[m.site or f"meansparse_{len(out)}"] = m
     return out

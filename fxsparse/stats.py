@@ -25,10 +25,10 @@ ZSCORE_GRID = torch.linspace(0.0, 4.0, 401, dtype=torch.float64)
 class ChannelStats:
     """Running count / mean / M2 per channel along `dim`, in float64.
 
-    The per-batch work is four vectorised passes over the site's input and nothing else: `update` keeps
-    each batch's raw sums (in the input dtype, on its device) and the float64 merge of all pending batches
-    runs as a handful of stacked operations when `count`, `mean` or `m2` is read (or every FLUSH_EVERY
-    batches), instead of a dozen tiny tensor operations per site per batch.
+    The per-batch work is a few vectorised passes over the site's input and nothing else: `update` keeps
+    each batch's channel means and variances (in the working dtype, on its device) and the float64 merge of
+    all pending batches runs as a handful of stacked operations when `count`, `mean` or `m2` is read (or
+    every FLUSH_EVERY batches), instead of a dozen tiny tensor operations per site per batch.
     """
 
     FLUSH_EVERY = 64
@@ -39,21 +39,24 @@ class ChannelStats:
         self._count = 0
         self._mean: Optional[torch.Tensor] = None
         self._m2: Optional[torch.Tensor] = None
-        self._pending: List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        # the raw channel sums of the latest batch, for a cheap finiteness check
-        self.last_batch_sum: Optional[torch.Tensor] = None
+        self._channels: Optional[int] = None
+        self._pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
+        # the channel means of the latest batch, in the working dtype, for a cheap finiteness check
+        self.last_batch_mean: Optional[torch.Tensor] = None
 
     # -- one batch -----------------------------------------------------------------------------------------
     @staticmethod
-    def batch_sums(x: torch.Tensor, dim: int, exact: bool = False
-                   ) -> Optional[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(n, S, c, Q) of one batch, per channel: n elements, their sum S, the shift c = S / n rounded to the
-        working dtype, and Q = sum((x - c)^2). None for an empty batch.
+    def batch_mean_var(x: torch.Tensor, dim: int, exact: bool = False
+                       ) -> Optional[Tuple[int, torch.Tensor, torch.Tensor]]:
+        """(n, mean, var) of one batch per channel, in the working dtype: n elements per channel, their mean
+        and their population variance. None for an empty batch.
 
-        Shifting by the batch's own channel mean keeps Q free of cancellation. The sums run in the input
-        dtype for float32 / float64 (vectorised; `torch.var_mean`'s Welford loop is scalar on CPU and ten
-        times slower) and in float64 for `exact=True` and for float16 / bfloat16 input. Float32 rows of at
-        most SMALL_INNER elements on CPU take ATen's batch-norm statistics kernel instead (one call).
+        The working dtype is the input's for float32 / float64 and float64 for `exact=True` and for float16 /
+        bfloat16 input. The variance is taken around the mean already rounded to that dtype (two passes), so
+        it has no cancellation; the sums are vectorised (`torch.var_mean`'s Welford loop is scalar on CPU and
+        ten times slower). Float32 rows of at most SMALL_INNER elements on CPU take ATen's batch-norm
+        statistics kernel instead (one call). Nothing here converts to float64 or synchronises: the float64
+        merge of all batches runs later, stacked (`_merge_batches`).
         """
         from fxsparse.ops import _as_3d
 
@@ -65,51 +68,44 @@ class ChannelStats:
         if exact or x.dtype not in (torch.float32, torch.float64):
             x = x.to(torch.float64)
         x3 = _as_3d(x, d)
-        if x3 is not None:  # (outer, C, inner) view of any dense layout: no copy
-            x, d = x3, 1
-        if x3 is not None and x3.shape[2] <= SMALL_INNER and x.dtype == torch.float32 and x.device.type == "cpu":
-            # few elements per row (tokens, NHWC, late small feature maps): one fused, vectorised statistics
-            # kernel beats five small ops. It returns the mean and the biased variance, from which (S, c, Q)
-            # follow with c = mean, so the float64 correction term is zero.
+        if x3 is None:  # a layout with gaps: reduce over the other dims directly
+            dims = [i for i in range(x.dim()) if i != d]
+            if not dims:  # only the channel axis: one element per channel
+                return 1, x.clone(), torch.zeros_like(x)
+            mean = x.sum(dims, keepdim=True).div_(n)
+            dev = x - mean
+            return n, mean.flatten(), dev.mul_(dev).sum(dims).div_(n)
+        if x3.shape[2] <= SMALL_INNER and x.dtype == torch.float32 and x.device.type == "cpu":
+            # few elements per row (tokens, NHWC, late small feature maps): one fused, vectorised kernel
             mean, var = torch.ops.aten.batch_norm_update_stats(x3, None, None, 0.0)
-            return n, mean.double() * n, mean, var.double() * n
-        if x3 is not None:
-            # rows first, then across rows: each thread sums the contiguous rows it (and the producing kernel)
-            # just touched; one reduction over (outer, inner) splits the work across threads differently and
-            # runs up to twice as slow on 2 cores
-            total = x3.sum(2).sum(0)
-            shift = total / n
-            dev = x3 - shift[:, None]
-            return n, total, shift, dev.mul_(dev).sum(2).sum(0)  # `dev` is our own temporary: square in place
-        dims = [i for i in range(x.dim()) if i != d]
-        if not dims:
-            return 1, x, x, torch.zeros_like(x)
-        total = x.sum(dims, keepdim=True)
-        shift = total / n
-        dev = x - shift
-        squares = dev.mul_(dev).sum(dims)  # `dev` is our own temporary: square it in place
-        return n, total.flatten(), shift.flatten(), squares
+            return n, mean, var
+        # rows first, then across rows: each thread sums the contiguous rows that it (and the kernel that
+        # produced x) just touched; one reduction over (outer, inner) splits the work across threads
+        # differently and runs up to twice as slow on 2 cores
+        mean = x3.sum(2).sum(0).div_(n)
+        dev = x3 - mean[:, None]
+        return n, mean, dev.mul_(dev).sum(2).sum(0).div_(n)  # `dev` is our own temporary: square it in place
 
     @classmethod
     def batch_moments(cls, x: torch.Tensor, dim: int, exact: bool = False) -> Tuple[int, torch.Tensor, torch.Tensor]:
         """(count per channel, mean, M2) of one batch, in float64."""
-        sums = cls.batch_sums(x, dim, exact)
-        if sums is None:
+        parts = cls.batch_mean_var(x, dim, exact)
+        if parts is None:
             zeros = torch.zeros(x.shape[dim], dtype=torch.float64, device=x.device)
             return 0, zeros, zeros.clone()
-        n, mean, m2 = _moments([sums])
-        return n[0], mean[0], m2[0]
+        n, mean, m2 = _merge_batches([parts])
+        return n, mean, m2
 
     def update(self, x: torch.Tensor) -> None:
-        sums = self.batch_sums(x, self.dim, self.exact)
-        if sums is None:
+        parts = self.batch_mean_var(x, self.dim, self.exact)
+        if parts is None:
             return
-        if self._mean is not None and sums[1].numel() != self._mean.numel() or \
-                self._pending and sums[1].numel() != self._pending[0][1].numel():
-            known = self._mean.numel() if self._mean is not None else self._pending[0][1].numel()
-            raise CalibrationError(f"channel count changed between batches ({known} then {sums[1].numel()})")
-        self.last_batch_sum = sums[1]
-        self._pending.append(sums)
+        channels = parts[1].numel()
+        if self._channels is not None and channels != self._channels:
+            raise CalibrationError(f"channel count changed between batches ({self._channels} then {channels})")
+        self._channels = channels
+        self.last_batch_mean = parts[1]
+        self._pending.append(parts)
         if len(self._pending) >= self.FLUSH_EVERY:
             self._flush()
 
@@ -117,28 +113,27 @@ class ChannelStats:
     def _flush(self) -> None:
         if not self._pending:
             return
-        ns, means, m2s = _moments(self._pending)
+        n, mean, m2 = _merge_batches(self._pending)
         self._pending = []
-        if self._mean is not None:
-            ns = [self._count] + ns
-            means = torch.cat([self._mean[None].to(means.device), means])
-            m2s = torch.cat([self._m2[None].to(m2s.device), m2s])
-        self._count, self._mean, self._m2 = _merge_many(ns, means, m2s)
+        self._merge_float64(n, mean, m2)
+
+    def _merge_float64(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self._mean is None:
+            self._count, self._mean, self._m2 = n, mean, m2
+            return
+        self._count, self._mean, self._m2 = _merge_many(
+            [self._count, n], torch.stack([self._mean, mean.to(self._mean.device)]),
+            torch.stack([self._m2, m2.to(self._m2.device)]))
 
     def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Merge a partial result (n elements per channel, their mean and M2) into this one."""
         if n == 0:
             return
         self._flush()
-        if self._mean is not None and mean.shape != self._mean.shape:
-            raise CalibrationError(
-                f"channel count changed between batches ({self._mean.numel()} then {mean.numel()})")
-        if self._mean is None:
-            self._count, self._mean, self._m2 = n, mean.double().clone(), m2.double().clone()
-            return
-        self._count, self._mean, self._m2 = _merge_many(
-            [self._count, n], torch.stack([self._mean, mean.double().to(self._mean.device)]),
-            torch.stack([self._m2, m2.double().to(self._m2.device)]))
+        if self._channels is not None and mean.numel() != self._channels:
+            raise CalibrationError(f"channel count changed between batches ({self._channels} then {mean.numel()})")
+        self._channels = mean.numel()
+        self._merge_float64(n, mean.double().clone(), m2.double().clone())
 
     @property
     def count(self) -> int:
@@ -160,15 +155,13 @@ class ChannelStats:
         return torch.sqrt(self.m2 / self.count)
 
 
-def _moments(batches) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
-    """Per-batch (n, mean, M2) in float64 from `batch_sums` results, all batches in one stacked computation:
-    mean = S / n, M2 = Q - n (mean - c)^2 (the shift's rounding corrected exactly)."""
+def _merge_batches(batches) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """Pooled (count, mean, M2) in float64 of `batch_mean_var` results, all batches in one stacked computation."""
     ns = [b[0] for b in batches]
     n = torch.tensor(ns, dtype=torch.float64, device=batches[0][1].device)[:, None]
     # stack promotes mixed float32 / float64 parts; one conversion per quantity, not one per batch
-    total, shift, squares = (torch.stack([b[i] for b in batches]).double() for i in (1, 2, 3))
-    mean = total / n
-    return ns, mean, (squares - n * (mean - shift) ** 2).clamp_min(0)
+    means, variances = (torch.stack([b[i] for b in batches]).double() for i in (1, 2))
+    return _merge_many(ns, means, n * variances)
 
 
 def _merge_many(ns: List[int], means: torch.Tensor, m2s: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:

@@ -57,7 +57,7 @@ def test_channel_stats_match_float64_two_pass_for_any_batching_and_order(case, c
 @pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (1e3, 1e-3), (-7.0, 50.0)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_channel_stats_on_long_rows_and_both_moment_kernels(shape, dim, offset, scale, channels_last):
-    """Rows longer than SMALL_INNER take the shifted-sum path, short ones the batch-norm kernel; both stay
+    """Rows longer than SMALL_INNER take the two-pass sums, short ones the batch-norm kernel; both stay
     within float32 rounding of the float64 reference even when the mean dwarfs the spread."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * scale + offset
     if channels_last and x.dim() == 4:
