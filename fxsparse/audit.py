@@ -37,6 +37,7 @@ class SiteRecord:
     std_max: Optional[float]
     replaced: Optional[float]
     policy: str = "activations"  # the placement policy that put the operator there (passes/placement.py)
+    private_input: bool = False  # the input is a fresh tensor only the operator reads (passes/fresh.py)
 
 
 def _record(op: MeanSparse) -> SiteRecord:
@@ -53,6 +54,7 @@ def _record(op: MeanSparse) -> SiteRecord:
         std_min=summary(std.min()), std_mean=summary(std.mean()), std_max=summary(std.max()),
         replaced=replaced_fraction(op) if cal else None,
         policy=getattr(op, "policy", "activations"),
+        private_input=getattr(op, "private_input", False),
     )
 
 

@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import types
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -107,18 +107,23 @@ def _use_fused(x: torch.Tensor) -> bool:
 
 
 def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
-                inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
-    """The operator as a function of its state (MeanSparse.forward, and the compile backend's graphs)."""
+                inplace: bool = False, straight_through: bool = False, may_overwrite: bool = False) -> torch.Tensor:
+    """The operator as a function of its state (MeanSparse.forward, and the compile backend's graphs).
+
+    `inplace` writes into `x` always (the activation was in place); `may_overwrite` lets the fused inference
+    kernel write into `x` when nothing else reads it (see `passes/fresh.py`), saving the output allocation.
+    """
     if not straight_through and _use_fused(x):
         x3 = _as_3d(x, dim)
         if x3 is not None:
+            write_input = inplace or may_overwrite
             try:
-                key = (x.dtype, x.device, tuple(size == 1 for size in x3.shape), inplace)
+                key = (x.dtype, x.device, tuple(size == 1 for size in x3.shape), write_input)
                 y3 = _fused_band(key)(x3, mean, std, alpha)
             except Exception:  # keep serving with the plain ops
                 globals()["FUSED_EAGER"] = False
                 return mean_sparse(x, mean, std, alpha, dim, inplace, straight_through)
-            if inplace:
+            if write_input:
                 return x
             if x.is_contiguous():
                 return y3.view(x.shape)
@@ -168,6 +173,12 @@ class MeanSparse(nn.Module):
         # that casting the model to float16 neither rounds nor overflows it.
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.straight_through = False
+        # Set by the splice pass when the input is a fresh tensor that only this operator reads (the output of
+        # a Linear, a convolution or a norm layer): eager inference may then overwrite it. `producer_hooks`
+        # are the producing module's forward-hook dicts; a hook there might keep the tensor, so any hook
+        # turns overwriting off.
+        self.private_input = False
+        self.producer_hooks: Tuple[dict, ...] = ()
         # Set by fxsparse.calibrate while it observes this site's input; None otherwise.
         self.observer: Optional[Callable[[torch.Tensor], None]] = None
         # Descriptive metadata, written by the splice pass.
@@ -192,7 +203,13 @@ class MeanSparse(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
-        return mean_sparse(x, self.mean, self.std, self.alpha, self.dim, self.inplace, self.straight_through)
+        return mean_sparse(x, self.mean, self.std, self.alpha, self.dim, self.inplace, self.straight_through,
+                           self.private_input and not torch.compiler.is_compiling() and self.may_overwrite())
+
+    def may_overwrite(self) -> bool:
+        """Whether this call may write into its input: it is private and no forward hook can hold it."""
+        return (self.private_input and not any(self.producer_hooks)
+                and not torch.nn.modules.module._global_forward_hooks)
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""

@@ -3,7 +3,8 @@
 For a site in the graph, a `call_module` node `<site>_meansparse` is inserted between the activation and its
 input, and only the activation reads from it: other consumers of the input (a residual skip) still read the
 original tensor. For an in-place activation the operator works in place as well, so every alias of the
-input sees exactly what the original program let it see; with alpha = 0 the outputs are bit-identical.
+input sees exactly what the original program let it see; with alpha = 0 the outputs are bit-identical. When
+the input is private to the operator (`passes/fresh.py`), eager inference may overwrite it too.
 
 For a site inside an opaque leaf (a no-trace module that could not be traced through), the operator is
 registered next to the activation inside the leaf (the leaf belongs to the captured copy, never to the
@@ -19,6 +20,7 @@ from torch import fx, nn
 from fxsparse.errors import FxsparseError
 from fxsparse.ops import MeanSparse
 from fxsparse.passes.channel_axis import fallback_dim, infer_channel_dim
+from fxsparse.passes.fresh import producer_hooks
 from fxsparse.passes.locate import PATH_META, Site
 from fxsparse.passes.shapes import INNER_META, SHAPE_META, node_shape
 
@@ -82,6 +84,8 @@ def _splice_graph_site(gm: fx.GraphModule, site: Site, device) -> None:
     new.meta["fxsparse_site"] = site.name
     for consumer in consumers:
         consumer.replace_input_with(inp, new)
+    hooks = producer_hooks(gm, inp, new)
+    op.private_input, op.producer_hooks = hooks is not None, hooks or ()
 
 
 def _splice_inner_site(gm: fx.GraphModule, site: Site, device) -> None:
