@@ -18,13 +18,15 @@ Statistics from a sparsified GraphModule work too: `fxsparse.backend(fxsparse.st
 (site names agree when the graphs agree). `set_alpha` on the backend changes every operator in place:
 compiled code reads alpha as a buffer, so nothing recompiles.
 
-Limit: site names are made per Dynamo graph; if a graph break falls between two calls of the same module,
-both calls get the same name (and share statistics).
+Site names are made per Dynamo graph and then kept consistent across graphs by the call's source stack
+(`stack_trace`): a graph break between two calls of the same module gives the second call the next free
+name ("relu_1"), as one whole graph would, instead of pooling both calls' statistics under one name; a
+recompiled graph finds its sites' names again.
 """
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -93,6 +95,16 @@ def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, type(gm).__name__)
 
 
+def _match_input_dtypes(gm: fx.GraphModule) -> None:
+    """Give each operator its input's floating dtype. Dynamo's graphs take parameters as inputs, so the splice
+    pass finds no state to copy the dtype from and would leave a float64 model's operators in float32."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), MeanSparse):
+            value = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                gm.get_submodule(node.target).to(value.dtype)
+
+
 def _state_as_inputs(gm: fx.GraphModule) -> List[torch.Tensor]:
     """Rewrite each MeanSparse call into `mean_sparse(x, mean, std, alpha, ...)` whose state tensors are extra
     graph inputs, and drop the submodules: the compiler behind Dynamo accepts only the parameters and buffers
@@ -136,14 +148,18 @@ class MeanSparseBackend:
         self.strict = strict
         self.ops: Dict[str, List[MeanSparse]] = {}
         self._accumulators: Dict[str, ChannelStats] = {}
+        self._names: Dict[Tuple[str, Optional[str]], str] = {}  # (name in its graph, call stack) -> site name
 
     # -- the backend -------------------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
         gm = _own_copy(gm)
         _annotate(gm)
         sites = locate(gm, self.select)
+        for site in sites:
+            site.name = self._site_name(site.name, site.module_path, site.node.meta.get("stack_trace"))
         if sites:
             splice(gm, sites)
+            _match_input_dtypes(gm)
         for site, op in meansparse_ops(gm).items():
             self.ops.setdefault(site, []).append(op)
             if self.calibrating:
@@ -161,6 +177,20 @@ class MeanSparseBackend:
             return compiled(*args, *state)  # the operators' current mean/std/alpha, read at every call
 
         return run
+
+    def _site_name(self, name: str, path: str, stack: Optional[str]) -> str:
+        """The site name of the call that its own graph names `name` (`path` with a call-count suffix): the
+        same for the same call in every graph (Dynamo recompiles), and the next free suffix of `path` when
+        another call, in an earlier graph, already has that name."""
+        key = (name, stack)
+        if key not in self._names:
+            taken = set(self._names.values())
+            unique, count = name, 0
+            while unique in taken:
+                count += 1
+                unique = f"{path}_{count}"
+            self._names[key] = unique
+        return self._names[key]
 
     def _load(self, site: str, op: MeanSparse) -> None:
         stat = self.stats.get(site)

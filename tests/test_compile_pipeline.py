@@ -114,6 +114,48 @@ def test_backend_calibrates_and_sparsifies_a_model_no_capture_path_handles():
     assert counter.calls == compiled_graphs >= 2  # graph breaks: several graphs, none recompiled for alpha
 
 
+class TwiceAcrossABreak(nn.Module):
+    """One activation module called twice, with a graph break between the calls and different inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.act(self.conv1(x))
+        torch._dynamo.graph_break()
+        return self.act(self.conv2(y) + 3.0)
+
+
+def test_backend_names_calls_across_graph_breaks_like_one_graph():
+    """Each Dynamo graph names its sites afresh; the backend keeps the second call apart ("act_1", as the
+    whole-graph capture names it) instead of pooling both calls' statistics, and finds the names again when
+    Dynamo recompiles."""
+    torch.manual_seed(0)
+    model = TwiceAcrossABreak().eval().double()
+    # the last batch has another shape: Dynamo compiles both graphs again
+    data = [torch.randn(4, 3, 8, 8, dtype=torch.float64) for _ in range(3)] + [torch.randn(2, 3, 6, 6).double()]
+    calib = fxsparse.backend()
+    torch._dynamo.reset()
+    seen = torch.compile(model, backend=calib, dynamic=False)
+    with torch.no_grad():
+        for x in data:
+            seen(x)
+    stats = calib.statistics()
+    gm = fxsparse.sparsify(model, data, alpha=0.3)
+    whole = fxsparse.statistics(gm)
+    assert set(stats) == set(whole) == {"act", "act_1"}
+    for site in whole:
+        torch.testing.assert_close(stats[site]["mean"].double(), whole[site]["mean"].double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats[site]["std"].double(), whole[site]["std"].double(), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=fxsparse.backend(whole, alpha=0.3, compiler=Counting()))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(data[0]), gm(data[0]), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.slow
 def test_backend_with_statistics_of_a_sparsified_graphmodule_and_inductor():
     model = convnet().double()
