@@ -174,22 +174,29 @@ def _merge_many(ns: List[int], means: torch.Tensor, m2s: torch.Tensor) -> Tuple[
 
 
 class ZScoreCounter:
-    """Counts, for every z of ZSCORE_GRID, the elements with |x - mean| < z * std (second pass)."""
+    """Counts, for every z of ZSCORE_GRID, the elements with |x - mean| < z * std (second pass).
+
+    The grid is uniform (step 0.01), so an element's bucket is arithmetic: the number of grid points at or
+    below its z is floor(100 z) + 1 (all 401 beyond the last point). That is one multiply and a conversion
+    per element where a binary search over the grid (`torch.bucketize`) cost 10x the whole pass.
+    """
+
+    STEPS = 100  # grid points per unit of z: ZSCORE_GRID[k] = k / STEPS
 
     def __init__(self, op: MeanSparse):
         self.op = op
         self.counts = torch.zeros(len(ZSCORE_GRID), dtype=torch.float64)
         self.total = 0
-        self.grid = ZSCORE_GRID.to(op.mean.device, torch.float32)
 
     def update(self, x: torch.Tensor) -> None:
         shape = [1] * x.dim()
         shape[self.op.dim] = -1
         mean = self.op.mean.view(shape).float()
-        std = self.op.std.view(shape).float()
-        z = ((x.detach().float() - mean).abs() / std).flatten()
+        scale = (self.STEPS / self.op.std.float()).view(shape)  # a zero std gives inf: never inside the band
+        last = float(len(ZSCORE_GRID) - 1) + 0.5
+        steps = (x.detach().float() - mean).abs_().mul_(scale).nan_to_num_(nan=last, posinf=last).clamp_(max=last)
         # idx = number of grid points <= z, so "z < grid[k]" holds exactly when idx <= k
-        idx = torch.bucketize(z, self.grid, right=True)
-        hist = torch.bincount(idx, minlength=len(self.grid) + 1)[: len(self.grid)]
+        idx = steps.to(torch.int32).add_(1).flatten()
+        hist = torch.bincount(idx, minlength=len(ZSCORE_GRID) + 1)[: len(ZSCORE_GRID)]
         self.counts += torch.cumsum(hist, 0).to(torch.float64).cpu()
-        self.total += z.numel()
+        self.total += idx.numel()

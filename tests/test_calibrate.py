@@ -146,6 +146,30 @@ def test_batch_inputs_forms():
     assert batch_inputs({"input": t})[0] is t
 
 
+@given(st.integers(1, 6), st.integers(1, 40), st.randoms(use_true_random=False))
+def test_zscore_histogram_counts_elements_inside_every_band(channels, per_channel, rng):
+    """counts[k] = number of elements with |x - mean| < ZSCORE_GRID[k] * std, for every k; elements sit half
+    a grid step from the band edges (away from rounding ties), beyond the grid, or exactly at a zero-std
+    channel's mean (never inside: the band has width 0)."""
+    from fxsparse.stats import ZSCORE_GRID, ZScoreCounter
+
+    op = fxsparse.MeanSparse(channels, dim=1)
+    op.mean.copy_(torch.tensor([rng.uniform(-3, 3) for _ in range(channels)]))
+    op.std.copy_(torch.tensor([rng.uniform(0.1, 5) for _ in range(channels)]))
+    steps = torch.tensor([[rng.randint(0, 450) + 0.5 for _ in range(per_channel)] for _ in range(channels)])
+    signs = torch.tensor([[rng.choice([-1.0, 1.0]) for _ in range(per_channel)] for _ in range(channels)])
+    x = (op.mean[:, None] + signs * steps / 100 * op.std[:, None]).T.contiguous()  # (per_channel, channels)
+    expected = (steps.flatten()[:, None] / 100 < ZSCORE_GRID[None, :]).sum(0).double()
+    if channels > 1:  # the last channel: zero std, every element at its mean
+        op.std[-1] = 0.0
+        x[:, -1] = op.mean[-1]
+        expected = (steps[:-1].flatten()[:, None] / 100 < ZSCORE_GRID[None, :]).sum(0).double()
+    counter = ZScoreCounter(op)
+    counter.update(x)
+    assert counter.total == x.numel()
+    torch.testing.assert_close(counter.counts, expected, rtol=0, atol=0)
+
+
 def test_replaced_fraction_matches_operator_on_calibration_data():
     torch.manual_seed(1)
     model = Tiny().eval()
