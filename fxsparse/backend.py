@@ -22,6 +22,11 @@ Site names are made per Dynamo graph and then kept consistent across graphs by t
 (`stack_trace`): a graph break between two calls of the same module gives the second call the next free
 name ("relu_1"), as one whole graph would, instead of pooling both calls' statistics under one name; a
 recompiled graph finds its sites' names again.
+
+Limits: Dynamo's graphs do not know the model's module names, so where the model has its own module named
+like a suffixed site ("act_1" next to "act"), names can differ from a whole-graph capture's; and where a
+break falls inside a block's forward, Dynamo compiles that frame once for every block, with paths relative
+to the block, so those blocks' calls share one name and one set of statistics.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from fxsparse.calibrate import ChannelStats
 from fxsparse.errors import CalibrationError, SelectionError
 from fxsparse.ops import MeanSparse, mean_sparse, meansparse_ops
 from fxsparse.passes.kinds import kind_of_module_class
-from fxsparse.passes.locate import ACTIVATION_MODULE_META, PATH_META, locate
+from fxsparse.passes.locate import ACTIVATION_MODULE_META, PATH_META, Selection, as_selection, locate
 from fxsparse.passes.shapes import SHAPE_META
 from fxsparse.passes.splice import splice
 
@@ -95,14 +100,17 @@ def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, type(gm).__name__)
 
 
-def _match_input_dtypes(gm: fx.GraphModule) -> None:
-    """Give each operator its input's floating dtype. Dynamo's graphs take parameters as inputs, so the splice
-    pass finds no state to copy the dtype from and would leave a float64 model's operators in float32."""
+def _widen_to_input_dtypes(gm: fx.GraphModule) -> None:
+    """Give each operator its input's dtype where that is wider than float32. Dynamo's graphs take parameters
+    as inputs, so the splice pass finds no state to copy the dtype from and would leave a float64 model's
+    operators in float32; narrower inputs (autocast) keep float32 state, as in a sparsified GraphModule."""
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), MeanSparse):
+            op = gm.get_submodule(node.target)
             value = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                gm.get_submodule(node.target).to(value.dtype)
+            if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                    and torch.finfo(value.dtype).bits > torch.finfo(op.mean.dtype).bits):
+                op.to(value.dtype)
 
 
 def _state_as_inputs(gm: fx.GraphModule) -> List[torch.Tensor]:
@@ -148,18 +156,23 @@ class MeanSparseBackend:
         self.strict = strict
         self.ops: Dict[str, List[MeanSparse]] = {}
         self._accumulators: Dict[str, ChannelStats] = {}
-        self._names: Dict[Tuple[str, Optional[str]], str] = {}  # (name in its graph, call stack) -> site name
+        self._names: Dict[Tuple[str, Optional[str], int], str] = {}  # (path, call stack, rank) -> site name
 
     # -- the backend -------------------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
         gm = _own_copy(gm)
         _annotate(gm)
-        sites = locate(gm, self.select)
+        selection = as_selection(self.select)
+        sites = locate(gm, Selection(kinds=selection.kinds))  # paths are filtered on the final names below
+        occurrences: Dict[Tuple[str, Optional[str]], int] = {}
         for site in sites:
-            site.name = self._site_name(site.name, site.module_path, site.node.meta.get("stack_trace"))
+            stack = site.node.meta.get("stack_trace")
+            seen = occurrences[(site.module_path, stack)] = occurrences.get((site.module_path, stack), -1) + 1
+            site.name = self._site_name(site.name, site.module_path, stack, seen)
+        sites = [s for s in sites if selection.takes_path(s.name) or selection.takes_path(s.module_path)]
         if sites:
             splice(gm, sites)
-            _match_input_dtypes(gm)
+            _widen_to_input_dtypes(gm)
         for site, op in meansparse_ops(gm).items():
             self.ops.setdefault(site, []).append(op)
             if self.calibrating:
@@ -178,11 +191,12 @@ class MeanSparseBackend:
 
         return run
 
-    def _site_name(self, name: str, path: str, stack: Optional[str]) -> str:
-        """The site name of the call that its own graph names `name` (`path` with a call-count suffix): the
-        same for the same call in every graph (Dynamo recompiles), and the next free suffix of `path` when
-        another call, in an earlier graph, already has that name."""
-        key = (name, stack)
+    def _site_name(self, name: str, path: str, stack: Optional[str], occurrence: int) -> str:
+        """A site's name across graphs. A call is identified by its module path, its source stack and its
+        rank among the calls with that path and stack in its graph (a loop calls from one line); the same
+        call keeps its name when Dynamo recompiles. A new call takes the name its own graph gave it (`path`
+        with a call-count suffix) unless an earlier graph's call has that name, then the next free suffix."""
+        key = (path, stack, occurrence)
         if key not in self._names:
             taken = set(self._names.values())
             unique, count = name, 0

@@ -148,14 +148,14 @@ def _run_pass(gm, data, observers: Dict[MeanSparse, Any], *, max_batches, progre
 
 
 def _check_finite(stats: Dict[MeanSparse, ChannelStats], i: int, inputs) -> None:
-    sums = [s.last_batch_mean for s in stats.values() if s.last_batch_mean is not None]
-    if not sums:
+    parts = [t for s in stats.values() if s.last_batch is not None for t in s.last_batch]
+    if not parts:
         return
-    finite = bool(torch.cat(sums).isfinite().all())  # one sync per batch; cat promotes float32 to float64
+    finite = bool(torch.cat(parts).isfinite().all())  # one sync per batch; cat promotes float32 to float64
     bad = [] if finite else [op.site for op, s in stats.items()
-                             if s.last_batch_mean is not None and not bool(s.last_batch_mean.isfinite().all())]
+                             if s.last_batch is not None and not all(bool(t.isfinite().all()) for t in s.last_batch)]
     for s in stats.values():
-        s.last_batch_mean = None
+        s.last_batch = None
     if bad:
         source = ("the batch itself holds NaN or Inf" if not all(bool(torch.isfinite(t).all()) for t in inputs)
                   else "the batch is finite, so the model overflows or divides by zero on it")

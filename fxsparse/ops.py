@@ -106,6 +106,12 @@ def _use_fused(x: torch.Tensor) -> bool:
     return _get_current_dispatch_mode() is None
 
 
+def _sole_owner(x: torch.Tensor) -> bool:
+    """No other tensor (a view, a detached alias) shares x's storage: the count is x's, its view base's if x
+    is a view (F.linear on 3-d input returns a view of its 2-d result), and the temporary storage handle's."""
+    return torch._C._storage_Use_Count(x.untyped_storage()._cdata) <= 2 + x._is_view()
+
+
 def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
                 inplace: bool = False, straight_through: bool = False, may_overwrite: bool = False) -> torch.Tensor:
     """The operator as a function of its state (MeanSparse.forward, and the compile backend's graphs).
@@ -114,9 +120,11 @@ def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: t
     kernel write into `x` when nothing else reads it (see `passes/fresh.py`), saving the output allocation.
     """
     if not straight_through and _use_fused(x):
+        # overwrite a private input only if no other tensor shares its storage (a hook kept a view); checked
+        # before x3 below, itself a view, exists
+        write_input = inplace or (may_overwrite and _sole_owner(x))
         x3 = _as_3d(x, dim)
         if x3 is not None:
-            write_input = inplace or may_overwrite
             try:
                 key = (x.dtype, x.device, tuple(size == 1 for size in x3.shape), write_input)
                 y3 = _fused_band(key)(x3, mean, std, alpha)
@@ -160,6 +168,13 @@ class MeanSparse(nn.Module):
     splice pass and read by the audit; they are plain attributes, not state.
     """
 
+    # Set by the splice pass when the input is a fresh tensor that only this operator reads (the output of a
+    # Linear, a convolution, a norm layer, out-of-place arithmetic): eager inference may then overwrite it.
+    # `producer_hooks` are the producing module's forward-hook dicts (a hook there might keep the tensor).
+    # Class-level defaults, so that operators pickled before these existed still load.
+    private_input: bool = False
+    producer_hooks: Tuple[dict, ...] = ()
+
     def __init__(self, channels: int, dim: int = 1, *, inplace: bool = False):
         super().__init__()
         if channels < 1:
@@ -173,12 +188,6 @@ class MeanSparse(nn.Module):
         # that casting the model to float16 neither rounds nor overflows it.
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.straight_through = False
-        # Set by the splice pass when the input is a fresh tensor that only this operator reads (the output of
-        # a Linear, a convolution or a norm layer): eager inference may then overwrite it. `producer_hooks`
-        # are the producing module's forward-hook dicts; a hook there might keep the tensor, so any hook
-        # turns overwriting off.
-        self.private_input = False
-        self.producer_hooks: Tuple[dict, ...] = ()
         # Set by fxsparse.calibrate while it observes this site's input; None otherwise.
         self.observer: Optional[Callable[[torch.Tensor], None]] = None
         # Descriptive metadata, written by the splice pass.
@@ -207,9 +216,13 @@ class MeanSparse(nn.Module):
                            self.private_input and not torch.compiler.is_compiling() and self.may_overwrite())
 
     def may_overwrite(self) -> bool:
-        """Whether this call may write into its input: it is private and no forward hook can hold it."""
-        return (self.private_input and not any(self.producer_hooks)
-                and not torch.nn.modules.module._global_forward_hooks)
+        """Whether this call may write into its input: it is private, and no hook (on its producer, on this
+        operator, or global) can hold it or compare it with the output. `mean_sparse` also checks that no
+        other tensor shares its storage."""
+        hooks = torch.nn.modules.module
+        return (self.private_input and not any(self.producer_hooks) and not self._forward_hooks
+                and not self._forward_pre_hooks and not hooks._global_forward_hooks
+                and not hooks._global_forward_pre_hooks)
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""

@@ -41,8 +41,8 @@ class ChannelStats:
         self._m2: Optional[torch.Tensor] = None
         self._channels: Optional[int] = None
         self._pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
-        # the channel means of the latest batch, in the working dtype, for a cheap finiteness check
-        self.last_batch_mean: Optional[torch.Tensor] = None
+        # the channel means and variances of the latest batch, in the working dtype, for a cheap finiteness check
+        self.last_batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     # -- one batch -----------------------------------------------------------------------------------------
     @staticmethod
@@ -104,7 +104,7 @@ class ChannelStats:
         if self._channels is not None and channels != self._channels:
             raise CalibrationError(f"channel count changed between batches ({self._channels} then {channels})")
         self._channels = channels
-        self.last_batch_mean = parts[1]
+        self.last_batch = parts[1:]
         self._pending.append(parts)
         if len(self._pending) >= self.FLUSH_EVERY:
             self._flush()

@@ -6,9 +6,14 @@ out-of-place pass over a 150 MB activation costs about 30 times an in-place one)
 
 "Fresh" means the producer always returns new storage: a linear map, a convolution, a normalisation layer,
 or an out-of-place arithmetic operator. Library modules count only when their class keeps the library's own
-`forward` (a subclass that overrides it might return its input or a cached tensor). A forward hook on such a
-module may keep a reference to the output, so the operator checks those hooks on every call (see
-`MeanSparse.may_overwrite`), and the hooks registered here are the module's own dict, not a copy.
+`forward` (a subclass or an instance that overrides it might return its input or a cached tensor). A forward
+hook on such a module may keep a reference to the output, so the operator checks those hooks on every call
+(see `MeanSparse.may_overwrite`), and the hooks registered here are the module's own dict, not a copy. At
+run time the operator also refuses to overwrite a tensor whose storage another tensor shares.
+
+What this cannot see: a graph edited after the pass so that another node reads the value (re-run the pass,
+or clear `private_input`), and a hook that keeps the output tensor itself and removes itself before the
+operator runs.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ def producer_hooks(gm: fx.GraphModule, value: fx.Node, reader: fx.Node) -> Optio
         return None
     if value.op == "call_module":
         module = gm.get_submodule(value.target)
-        if type(module).forward not in _FRESH_MODULE_FORWARDS:
+        if type(module).forward not in _FRESH_MODULE_FORWARDS or "forward" in vars(module):  # no override
             return None
         return (module._forward_hooks,)
     if value.op == "call_function" and (value.target in _FRESH_FUNCTIONS or _fresh_aten(value.target)):

@@ -156,6 +156,46 @@ def test_backend_names_calls_across_graph_breaks_like_one_graph():
         torch.testing.assert_close(fast(data[0]), gm(data[0]), rtol=1e-9, atol=1e-9)
 
 
+class SkipsACall(nn.Module):
+    """The first of two calls of one module depends on the batch size: Dynamo recompiles without it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv1(x)
+        if x.shape[0] > 2:
+            y = self.act(y)
+        return self.act(self.conv2(y) + 3.0)
+
+
+def test_backend_keeps_names_when_a_recompile_drops_a_call_and_selects_final_names():
+    torch.manual_seed(0)
+    model = SkipsACall().eval().double()
+    data = [torch.randn(4, 3, 6, 6).double(), torch.randn(2, 3, 6, 6).double(), torch.randn(4, 3, 6, 6).double()]
+    calib = fxsparse.backend()
+    torch._dynamo.reset()
+    seen = torch.compile(model, backend=calib, dynamic=False)
+    with torch.no_grad():
+        for x in data:
+            seen(x)
+        stats = calib.statistics()
+        assert set(stats) == {"act", "act_1"}  # the batch of 2 has one call, still named act_1
+        first = torch.cat([model.conv1(x) for x in data if x.shape[0] > 2])
+        second = torch.cat([model.conv2(torch.relu(model.conv1(x)) if x.shape[0] > 2 else model.conv1(x)) + 3.0
+                            for x in data])
+    torch.testing.assert_close(stats["act"]["mean"].double(), first.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["act_1"]["mean"].double(), second.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    only = fxsparse.backend(select={"include": ["act_1"]})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=only, dynamic=False)(data[0])
+    assert set(only.statistics()) == {"act_1"}
+
+
 @pytest.mark.slow
 def test_backend_with_statistics_of_a_sparsified_graphmodule_and_inductor():
     model = convnet().double()

@@ -64,25 +64,31 @@ def test_library_modules_are_fresh_only_with_their_own_forward():
     assert producer_hooks(gm, out, next(iter(out.users))) is None  # out= writes into an existing tensor
 
 
-def _overwrote(gm, x):
-    seen = []
-    handles = [op.register_forward_hook(lambda mod, args, out: seen.append(out is args[0]))
-               for op in fxsparse.ops.meansparse_ops(gm).values()]
+def _overwrote(gm, x, monkeypatch):
+    """gm(x) without autograd, and per operator call whether it returned its input (wrapped around the op's
+    function: a hook on the operator itself would turn overwriting off)."""
+    seen, plain = [], ops.mean_sparse
+
+    def recording(t, *args, **kwargs):
+        out = plain(t, *args, **kwargs)
+        seen.append(out is t)
+        return out
+
+    monkeypatch.setattr(ops, "mean_sparse", recording)
     with torch.no_grad():
         y = gm(x)
-    for h in handles:
-        h.remove()
+    monkeypatch.setattr(ops, "mean_sparse", plain)
     return y, seen
 
 
 def test_eager_inference_overwrites_private_inputs_with_the_same_result(monkeypatch):
     monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
     _, gm, data = _prepared()
-    y, seen = _overwrote(gm, data[0])
+    y, seen = _overwrote(gm, data[0], monkeypatch)
     assert seen == [True, False, True, True, False]
     for op in fxsparse.ops.meansparse_ops(gm).values():
         op.private_input = False
-    y_plain, seen = _overwrote(gm, data[0])
+    y_plain, seen = _overwrote(gm, data[0], monkeypatch)
     assert not any(seen) and torch.equal(y, y_plain)
 
 
@@ -93,7 +99,7 @@ def test_a_forward_hook_on_the_producer_keeps_its_output_untouched(monkeypatch):
     handle = gm.fc1.register_forward_hook(lambda mod, args, out: kept.append(out))
     op = fxsparse.ops.meansparse_ops(gm)["gelu"]
     assert not op.may_overwrite()
-    _, seen = _overwrote(gm, data[0])
+    _, seen = _overwrote(gm, data[0], monkeypatch)
     assert not seen[0] and torch.equal(kept[0], model.fc1(data[0]))
     handle.remove()
     assert op.may_overwrite()
@@ -106,17 +112,42 @@ def test_a_forward_hook_on_the_producer_keeps_its_output_untouched(monkeypatch):
     assert not fxsparse.ops.meansparse_ops(twin)["gelu"].may_overwrite() and op.may_overwrite()
 
 
-def test_autograd_and_compile_never_overwrite(monkeypatch):
+def test_autograd_views_and_compile_never_overwrite(monkeypatch):
     monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
-    _, gm, data = _prepared()
-    x = data[0].clone().requires_grad_(True)
-    seen = []
-    handles = [op.register_forward_hook(lambda mod, args, out: seen.append(out is args[0]))
-               for op in fxsparse.ops.meansparse_ops(gm).values()]
-    gm(x).sum().backward()
-    for h in handles:
-        h.remove()
-    assert not any(seen) and torch.isfinite(x.grad).all()
+    model, gm, data = _prepared()
+    kept = []
+
+    def grab_once(mod, args, out):  # keeps a detached view and removes itself before the operator runs
+        kept.append(out.detach())
+        handle.remove()
+
+    handle = gm.fc1.register_forward_hook(grab_once)
+    _, seen = _overwrote(gm, data[0], monkeypatch)
+    assert not seen[0] and torch.equal(kept[0], model.fc1(data[0]))  # the shared storage forbade it
+    op = fxsparse.ops.meansparse_ops(gm)["gelu"]
+    with torch.no_grad():
+        fresh = gm.fc1(data[0])
+        alias = fresh.detach()
+        assert not ops._sole_owner(fresh) and op(fresh) is not fresh and torch.equal(alias, fresh)
+        del alias
+        pre = op.register_forward_pre_hook(lambda mod, args: None)  # a hook on the operator itself
+        assert not op.may_overwrite() and op(fresh) is not fresh
+        pre.remove()
+        assert op.may_overwrite() and op(fresh) is fresh
+
+    xg = data[0].clone().requires_grad_(True)
+    y, seen = None, []
+    plain = ops.mean_sparse
+
+    def recording(t, *args, **kwargs):
+        out = plain(t, *args, **kwargs)
+        seen.append(out is t)
+        return out
+
+    monkeypatch.setattr(ops, "mean_sparse", recording)
+    gm(xg).sum().backward()
+    monkeypatch.setattr(ops, "mean_sparse", plain)
+    assert seen and not any(seen) and torch.isfinite(xg.grad).all()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gm)(data[0])
     assert explained.graph_break_count == 0
