@@ -156,14 +156,8 @@ def test_backend_names_calls_across_graph_breaks_like_one_graph():
         torch.testing.assert_close(fast(data[0]), gm(data[0]), rtol=1e-9, atol=1e-9)
 
 
-class SkipsACall(nn.Module):
+class SkipsACall(TwiceAcrossABreak):
     """The first of two calls of one module depends on the batch size: Dynamo recompiles without it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.act = nn.ReLU()
 
     def forward(self, x):
         y = self.conv1(x)
