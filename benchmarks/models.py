@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     args = parser.parse_args()
