@@ -258,3 +258,28 @@ def test_random_models_alpha_zero_exact_and_one_operator_per_activation_call(ste
         fxsparse.set_alpha(gm, 0.3)
         with torch.no_grad():
             assert gm(x).shape == model(x).shape
+
+
+def test_fake_shape_propagation_shortcut_for_linear_layers_gives_the_real_shapes():
+    """passes/shapes.py skips F.linear's slow fake-tensor decomposition for plain nn.Linear layers; the
+    shapes it records equal real propagation's, on a permuted input and next to a hooked layer."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from fxsparse.passes.shapes import SHAPE_META, propagate_shapes
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(6, 5), nn.Linear(5, 7), nn.GELU()
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x.permute(0, 2, 3, 1))))
+
+    gm = fx.symbolic_trace(Tokens())
+    gm.fc2.register_forward_hook(lambda mod, args, out: None)  # hooked: takes the normal path
+    x = torch.randn(2, 6, 3, 4)
+    assert propagate_shapes(gm, [x]) == "fake"
+    fake = {n.name: n.meta[SHAPE_META] for n in gm.graph.nodes if n.op != "output"}
+    ShapeProp(gm).propagate(x)
+    real = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op != "output"}
+    assert fake == real and fake["fc1"] == (2, 3, 4, 5) and fake["fc2"] == (2, 3, 4, 7)
