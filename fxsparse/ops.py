@@ -106,10 +106,15 @@ def _use_fused(x: torch.Tensor) -> bool:
     return _get_current_dispatch_mode() is None
 
 
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private API: without it, never overwrite
+
+
 def _sole_owner(x: torch.Tensor) -> bool:
     """No other tensor (a view, a detached alias) shares x's storage: the count is x's, its view base's if x
     is a view (F.linear on 3-d input returns a view of its 2-d result), and the temporary storage handle's."""
-    return torch._C._storage_Use_Count(x.untyped_storage()._cdata) <= 2 + x._is_view()
+    if _STORAGE_USE_COUNT is None:
+        return False
+    return _STORAGE_USE_COUNT(x.untyped_storage()._cdata) <= 2 + x._is_view()
 
 
 def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
