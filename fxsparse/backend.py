@@ -105,8 +105,8 @@ def _widen_to_input_dtypes(gm: fx.GraphModule) -> None:
     as inputs, so the splice pass finds no state to copy the dtype from and would leave a float64 model's
     operators in float32; narrower inputs (autocast) keep float32 state, as in a sparsified GraphModule."""
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), MeanSparse):
-            op = gm.get_submodule(node.target)
+        op = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(op, MeanSparse):
             value = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
             if (isinstance(value, torch.Tensor) and value.is_floating_point()
                     and torch.finfo(value.dtype).bits > torch.finfo(op.mean.dtype).bits):

@@ -86,16 +86,6 @@ class ChannelStats:
         dev = x3 - mean[:, None]
         return n, mean, dev.mul_(dev).sum(2).sum(0).div_(n)  # `dev` is our own temporary: square it in place
 
-    @classmethod
-    def batch_moments(cls, x: torch.Tensor, dim: int, exact: bool = False) -> Tuple[int, torch.Tensor, torch.Tensor]:
-        """(count per channel, mean, M2) of one batch, in float64."""
-        parts = cls.batch_mean_var(x, dim, exact)
-        if parts is None:
-            zeros = torch.zeros(x.shape[dim], dtype=torch.float64, device=x.device)
-            return 0, zeros, zeros.clone()
-        n, mean, m2 = _merge_batches([parts])
-        return n, mean, m2
-
     def update(self, x: torch.Tensor) -> None:
         parts = self.batch_mean_var(x, self.dim, self.exact)
         if parts is None:

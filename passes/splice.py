@@ -12,6 +12,7 @@ user's model) and applied by a forward pre-hook on the activation.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, List, Tuple
 
 import torch
@@ -48,7 +49,7 @@ def _state_device(gm: fx.GraphModule) -> Tuple[torch.device, torch.dtype]:
     """Where the model's state lives and its floating dtype: operators are made alike, so that preparing a
     half-precision model and casting a prepared one give the same buffers."""
     device, dtype = None, torch.float32
-    for t in list(gm.parameters()) + list(gm.buffers()):
+    for t in itertools.chain(gm.parameters(), gm.buffers()):
         device = device or t.device
         if t.is_floating_point():
             return t.device, t.dtype

@@ -81,17 +81,24 @@ def _reference(model, stats, alpha, x):
     return model.fc(y.mean((2, 3)))
 
 
+def _calibrating_backend(model, data, **kwargs):
+    """An fxsparse backend in calibration mode after `torch.compile(model)` ran `data` through it (no autograd,
+    static shapes: each new shape compiles again); returns it and the outputs."""
+    calib = fxsparse.backend(**kwargs)
+    torch._dynamo.reset()
+    seen = torch.compile(model, backend=calib, dynamic=False)
+    with torch.no_grad():
+        outs = [seen(x) for x in data]
+    return calib, outs
+
+
 def test_backend_calibrates_and_sparsifies_a_model_no_capture_path_handles():
     torch.manual_seed(0)
     model = Branchy().eval().double()
     data = [torch.randn(4, 3, 8, 8, dtype=torch.float64) for _ in range(3)]
     with pytest.raises(fxsparse.CaptureError):
         fxsparse.prepare(model, data[0])
-    calib = fxsparse.backend()
-    torch._dynamo.reset()
-    seen = torch.compile(model, backend=calib)
-    with torch.no_grad():
-        outs = [seen(x) for x in data]
+    calib, outs = _calibrating_backend(model, data)
     for x, out in zip(data, outs):  # calibration does not change outputs
         torch.testing.assert_close(out, model(x))
     stats = calib.statistics()
@@ -137,13 +144,7 @@ def test_backend_names_calls_across_graph_breaks_like_one_graph():
     model = TwiceAcrossABreak().eval().double()
     # the last batch has another shape: Dynamo compiles both graphs again
     data = [torch.randn(4, 3, 8, 8, dtype=torch.float64) for _ in range(3)] + [torch.randn(2, 3, 6, 6).double()]
-    calib = fxsparse.backend()
-    torch._dynamo.reset()
-    seen = torch.compile(model, backend=calib, dynamic=False)
-    with torch.no_grad():
-        for x in data:
-            seen(x)
-    stats = calib.statistics()
+    stats = _calibrating_backend(model, data)[0].statistics()
     gm = fxsparse.sparsify(model, data, alpha=0.3)
     whole = fxsparse.statistics(gm)
     assert set(stats) == set(whole) == {"act", "act_1"}
@@ -170,23 +171,15 @@ def test_backend_keeps_names_when_a_recompile_drops_a_call_and_selects_final_nam
     torch.manual_seed(0)
     model = SkipsACall().eval().double()
     data = [torch.randn(4, 3, 6, 6).double(), torch.randn(2, 3, 6, 6).double(), torch.randn(4, 3, 6, 6).double()]
-    calib = fxsparse.backend()
-    torch._dynamo.reset()
-    seen = torch.compile(model, backend=calib, dynamic=False)
+    stats = _calibrating_backend(model, data)[0].statistics()
+    assert set(stats) == {"act", "act_1"}  # the batch of 2 has one call, still named act_1
     with torch.no_grad():
-        for x in data:
-            seen(x)
-        stats = calib.statistics()
-        assert set(stats) == {"act", "act_1"}  # the batch of 2 has one call, still named act_1
         first = torch.cat([model.conv1(x) for x in data if x.shape[0] > 2])
         second = torch.cat([model.conv2(torch.relu(model.conv1(x)) if x.shape[0] > 2 else model.conv1(x)) + 3.0
                             for x in data])
     torch.testing.assert_close(stats["act"]["mean"].double(), first.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats["act_1"]["mean"].double(), second.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
-    only = fxsparse.backend(select={"include": ["act_1"]})
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=only, dynamic=False)(data[0])
+    only, _ = _calibrating_backend(model, data[:1], select={"include": ["act_1"]})
     assert set(only.statistics()) == {"act_1"}
 
 

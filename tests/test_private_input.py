@@ -64,9 +64,9 @@ def test_library_modules_are_fresh_only_with_their_own_forward():
     assert producer_hooks(gm, out, next(iter(out.users))) is None  # out= writes into an existing tensor
 
 
-def _overwrote(gm, x, monkeypatch):
-    """gm(x) without autograd, and per operator call whether it returned its input (wrapped around the op's
-    function: a hook on the operator itself would turn overwriting off)."""
+def _overwrote(gm, x, monkeypatch, grad=False):
+    """gm(x) (without autograd unless `grad`), and per operator call whether it returned its input (wrapped
+    around the op's function: a hook on the operator itself would turn overwriting off)."""
     seen, plain = [], ops.mean_sparse
 
     def recording(t, *args, **kwargs):
@@ -75,7 +75,7 @@ def _overwrote(gm, x, monkeypatch):
         return out
 
     monkeypatch.setattr(ops, "mean_sparse", recording)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         y = gm(x)
     monkeypatch.setattr(ops, "mean_sparse", plain)
     return y, seen
@@ -136,17 +136,8 @@ def test_autograd_views_and_compile_never_overwrite(monkeypatch):
         assert op.may_overwrite() and op(fresh) is fresh
 
     xg = data[0].clone().requires_grad_(True)
-    y, seen = None, []
-    plain = ops.mean_sparse
-
-    def recording(t, *args, **kwargs):
-        out = plain(t, *args, **kwargs)
-        seen.append(out is t)
-        return out
-
-    monkeypatch.setattr(ops, "mean_sparse", recording)
-    gm(xg).sum().backward()
-    monkeypatch.setattr(ops, "mean_sparse", plain)
+    y, seen = _overwrote(gm, xg, monkeypatch, grad=True)
+    y.sum().backward()
     assert seen and not any(seen) and torch.isfinite(xg.grad).all()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gm)(data[0])
