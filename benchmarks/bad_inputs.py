@@ -2,7 +2,7 @@
 
     python benchmarks/bad_inputs.py > /tmp/bad_inputs.md
 
-Runs every case of tests/bad_inputs.py (the same cases tests/test_errors.py checks) and prints one Markdown
+Runs every case of fxsparse/testing/bad_inputs.py (the same cases tests/test_errors.py checks) and prints one Markdown
 row per case: the input, the error or warning class, and its message.
 """
 from __future__ import annotations
@@ -12,8 +12,7 @@ import sys
 import tempfile
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from bad_inputs import BAD_INPUTS, small_model  # noqa: E402
+from fxsparse.testing.bad_inputs import BAD_INPUTS, small_model
 
 
 def outcome(case) -> "tuple[str, str]":

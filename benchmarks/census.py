@@ -5,7 +5,7 @@ For each model:
      success, capture path (and why FX was not used), number of sites, pass time;
   2. run (models with at most --max-params parameters and inputs no larger than --max-size): random init,
      a real forward at the configured size, alpha = 0 bit-exactness, the run-time coverage oracle
-     (fxsparse.coverage), and a calibrated alpha = 0.2 forward that must stay finite;
+     (fxsparse.tools.coverage), and a calibrated alpha = 0.2 forward that must stay finite;
   3. compile (a deterministic sample of --compile-every models, up to 10M parameters): torch.compile of the
      sparsified model in float64 at alpha = 0.2 against eager (see tests/test_compile.py for why float64).
 
@@ -87,7 +87,7 @@ def examine(library, name, opts):
     import torch
 
     import fxsparse
-    from fxsparse.coverage import verify
+    from fxsparse.tools.coverage import verify
 
     row = dict(library=library, model=name, family=family(library, name), status="ok")
     t_start = time.time()

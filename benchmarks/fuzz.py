@@ -1,4 +1,4 @@
-"""The fuzzer's long run: many random models through the whole pipeline (tests/fuzz_models.py).
+"""The fuzzer's long run: many random models through the whole pipeline (fxsparse/testing/fuzz_models.py).
 
     python benchmarks/fuzz.py --examples 2000 [--compile-examples 20] [--seed 0]
 
@@ -19,8 +19,7 @@ import traceback
 import torch
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings, strategies as st
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from fuzz_models import SPECS, check_compiled_matches_eager, check_pipeline  # noqa: E402
+from fxsparse.testing.fuzz_models import SPECS, check_compiled_matches_eager, check_pipeline
 
 ALPHAS = st.floats(0.05, 1.5)
 

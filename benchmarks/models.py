@@ -16,10 +16,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import fxsparse  # noqa: E402
-from models import MODELS, build  # noqa: E402
-from perf import forward_and_calibration  # noqa: E402
+import fxsparse
+from fxsparse.testing.models import MODELS, build
+from perf import forward_and_calibration
 
 
 def median_time(fn, repeats):

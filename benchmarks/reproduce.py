@@ -3,7 +3,7 @@
 For every seed and every activation the MeanSparse paper studies (ReLU, GELU, SiLU, ELU, PSSiLU):
 
 1. split scikit-learn's digits (1797 8 x 8 images) 70 / 10 / 20 into train / validation / test, stratified,
-   shuffled by the seed (`fxsparse.demo.load_digits_splits`);
+   shuffled by the seed (`fxsparse.tools.demo.load_digits_splits`);
 2. adversarially train the demo's CNN with that activation (PGD-AT, L-inf eps = 0.1 on [0, 1] pixels);
 3. sparsify it, calibrating on the training split only;
 4. the alpha curve on the test split: clean, PGD, BPDA-PGD (straight-through gradients) and Square (scores
@@ -35,12 +35,11 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import fxsparse  # noqa: E402
-from fxsparse import demo  # noqa: E402
-from fxsparse.evaluation import evaluate  # noqa: E402
-from fxsparse.search import search_alpha  # noqa: E402
+import fxsparse
+from fxsparse.tools import demo
+from fxsparse.robust.evaluation import evaluate
+from fxsparse.robust.search import search_alpha
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)

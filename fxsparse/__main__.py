@@ -1,5 +1,5 @@
 import sys
 
-from fxsparse.cli import main
+from fxsparse.tools.cli import main
 
 sys.exit(main())

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx, nn
 
-from fxsparse.calibrate import replaced_fraction
+from fxsparse._meta import CAPTURE_META, SITE_META
+from fxsparse.stats import replaced_fraction
 from fxsparse.ops import MeanSparse, meansparse_ops
 
 
@@ -111,7 +112,7 @@ class Audit(List[SiteRecord]):
         g = nx.DiGraph()
         for node in self._graph.nodes:
             attrs = {"op": node.op, "target": str(node.target)}
-            site = node.meta.get("fxsparse_site")
+            site = node.meta.get(SITE_META)
             if site is not None:
                 attrs.update(meansparse=True, site=site)
             elif node.name in by_node:
@@ -125,7 +126,7 @@ class Audit(List[SiteRecord]):
 def audit(model: nn.Module) -> Audit:
     """One record per MeanSparse site of `model`, in graph order."""
     records = [_record(op) for op in meansparse_ops(model).values()]
-    report = getattr(model, "meta", {}).get("fxsparse_capture") if isinstance(model, fx.GraphModule) else None
+    report = getattr(model, "meta", {}).get(CAPTURE_META) if isinstance(model, fx.GraphModule) else None
     capture = report.as_dict() if report is not None else {}
     graph = model.graph if isinstance(model, fx.GraphModule) else None
     return Audit(records, capture, graph)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Uni
 import torch
 from torch import fx, nn
 
+from fxsparse._meta import PREPARE_META
 from fxsparse.checkpoint import CalibrationCheckpoint
 from fxsparse.diagnose import describe_tensors, failing_node
 from fxsparse.distributed import (check_same_across_ranks, failing_together, merge_stats_across_ranks, on_rank,
@@ -35,7 +36,6 @@ from fxsparse.errors import CalibrationError, NoActivationWarning
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter
 
-PREPARE_META = "fxsparse_prepare"  # written by fxsparse.prepare: its selection and example input shapes
 
 
 def batch_inputs(batch: Any) -> Tuple[torch.Tensor, ...]:
@@ -271,21 +271,3 @@ def calibrate(
         gm.train(was_training)
     return gm
 
-
-def replaced_fraction(op: MeanSparse, alpha: Optional[float] = None) -> Optional[float]:
-    """Fraction of calibration elements the operator replaces at `alpha` (default: its own), or None."""
-    if op.zscore_counts is None:
-        return None
-    a = float(op.alpha) if alpha is None else float(alpha)
-    grid = op.zscore_edges.tolist()
-    fractions = op.zscore_counts.tolist()
-    if a <= 0:
-        return 0.0
-    if a >= grid[-1]:
-        return fractions[-1]
-    k = min(range(len(grid)), key=lambda i: abs(grid[i] - a))
-    if math.isclose(grid[k], a, abs_tol=1e-9):
-        return fractions[k]
-    lo = max(i for i in range(len(grid)) if grid[i] < a)
-    w = (a - grid[lo]) / (grid[lo + 1] - grid[lo])
-    return fractions[lo] * (1 - w) + fractions[lo + 1] * w

@@ -8,7 +8,7 @@
    no-trace module that *contains* an activation is traced through when that works; when it does not, the
    nodes recorded during the attempt are rolled back and the module stays a leaf (the splice pass then
    places the operator inside it, see `passes/splice.py`). The reason is kept in the capture report.
-3. Every node records the module path it came from (`node.meta["fxsparse_path"]`), the way torchvision's
+3. Every node records the module path it came from (`node.meta[PATH_META]`, fxsparse/_meta.py), the way torchvision's
    `NodePathTracer` qualifies node names, so sites can be named after the model's own attributes.
 
 The user's model is never modified: it is deep-copied and traced in eval mode (MeanSparse is an inference
@@ -29,12 +29,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import fx, nn
 
+from fxsparse._meta import ACTIVATION_MODULE_META, CAPTURE_META, PATH_META, SHAPES_META
 from fxsparse.errors import CaptureError
 from fxsparse.passes.kinds import activation_module_classes, python_activation_functions
 from fxsparse.passes.shapes import propagate_shapes
 
-PATH_META = "fxsparse_path"
-ACTIVATION_MODULE_META = "fxsparse_activation_module"  # export path: the node is an activation module's op
 
 
 def _timm_notrace() -> Tuple[Tuple[type, ...], Tuple[Callable, ...]]:
@@ -229,7 +228,7 @@ def capture_fx(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = None)
     graph = tracer.trace(model, concrete_args=concrete_args)
     _drop_unused_get_attrs(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    gm.meta["fxsparse_capture"] = tracer.report
+    gm.meta[CAPTURE_META] = tracer.report
     return gm
 
 
@@ -304,7 +303,7 @@ def _export(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> fx.Gr
     # and users call; the graph itself is the eval-mode program whatever the flag says
     gm = fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)
     _mark_export_paths(gm, model)
-    gm.meta["fxsparse_capture"] = CaptureReport(path="export")
+    gm.meta[CAPTURE_META] = CaptureReport(path="export")
     return gm
 
 
@@ -314,7 +313,7 @@ def capture(
     method: str = "auto",
     concrete_args: Optional[Dict[str, Any]] = None,
 ) -> fx.GraphModule:
-    """An eval-mode GraphModule of a deep copy of `model`; `gm.meta["fxsparse_capture"]` says how and why.
+    """An eval-mode GraphModule of a deep copy of `model`; `gm.meta[CAPTURE_META]` says how and why.
 
     method: "fx" (symbolic tracing), "export" (`torch.export`, needs example inputs), or "auto": FX when it
     captures the model with every activation visible; `torch.export` when FX fails or leaves no-trace modules
@@ -338,21 +337,21 @@ def capture(
         try:
             fx_gm = capture_fx(model, concrete_args)
             if example_inputs is not None:
-                fx_gm.meta["fxsparse_shapes"] = propagate_shapes(fx_gm, example_inputs)
+                fx_gm.meta[SHAPES_META] = propagate_shapes(fx_gm, example_inputs)
         except Exception as exc:
             reasons["fx"] = _first_line(exc)
             fx_gm = None
             if method == "fx":
                 raise CaptureError(f"FX capture of {type(model).__name__} failed: {reasons['fx']}") from exc
         else:
-            opaque = fx_gm.meta["fxsparse_capture"].opaque_leaves
+            opaque = fx_gm.meta[CAPTURE_META].opaque_leaves
             if method == "fx" or not opaque or example_inputs is None:
                 return _finish(fx_gm, reasons)
             reasons["fx"] = f"left {len(opaque)} no-trace module(s) opaque: {', '.join(sorted(opaque)[:3])}"
     if method in ("auto", "export") and example_inputs is not None:
         try:  # a fresh copy: tracing can leave proxies in module caches (timm's attention-bias caches)
             gm = capture_export(copy.deepcopy(original).eval(), example_inputs)
-            gm.meta["fxsparse_shapes"] = propagate_shapes(gm, example_inputs)
+            gm.meta[SHAPES_META] = propagate_shapes(gm, example_inputs)
             return _finish(gm, reasons)
         except Exception as exc:
             reasons["export"] = _first_line(exc)
@@ -383,5 +382,5 @@ def _check_model_runs(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]
 
 def _finish(gm: fx.GraphModule, reasons: Dict[str, str]) -> fx.GraphModule:
     gm.eval()
-    gm.meta["fxsparse_capture"].reasons = dict(reasons)
+    gm.meta[CAPTURE_META].reasons = dict(reasons)
     return gm

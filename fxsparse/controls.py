@@ -11,7 +11,7 @@ from typing import Iterator, Mapping, Union
 import torch
 from torch import fx, nn
 
-from fxsparse.calibrate import PREPARE_META
+from fxsparse._meta import PREPARE_META
 from fxsparse.errors import CalibrationError, NoActivationWarning, SelectionError
 from fxsparse.ops import MeanSparse, meansparse_ops
 

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx
 
-from fxsparse.passes.locate import PATH_META
+from fxsparse._meta import PATH_META
 
 
 class _NodeFailed(Exception):

@@ -16,11 +16,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import fx, nn
 
-from fxsparse.calibrate import PREPARE_META
+from fxsparse._meta import CAPTURE_META, PREPARE_META
+from fxsparse._version import __version__
+from fxsparse.api import prepare
 from fxsparse.errors import FxsparseError, NoActivationWarning, PersistenceError
 from fxsparse.inputs import _state_tensor
 from fxsparse.ops import MeanSparse, meansparse_ops
-from fxsparse.passes.locate import Selection, as_selection
+from fxsparse.passes.locate import Selection
 from fxsparse.safefile import read, write
 
 FORMAT = "fxsparse-meansparse"
@@ -29,16 +31,6 @@ BUFFERS = ("mean", "std", "alpha", "count")
 CHECKED_FIELDS = ("kind", "dim", "channels")
 
 
-def prepare_record(select: Any, inputs: Sequence[torch.Tensor], capture: Optional[str]) -> Dict[str, Any]:
-    """What `prepare` was asked, as JSON-able data, so that `load` can ask it again."""
-    sel = as_selection(select)
-    return {
-        "select": {"kinds": None if sel.kinds is None else list(sel.kinds),
-                   "include": list(sel.include), "exclude": list(sel.exclude)},
-        "input_shapes": [list(t.shape) for t in inputs],
-        "input_dtypes": [str(t.dtype) for t in inputs],
-        "capture": capture,
-    }
 
 
 def _selection(saved: Mapping[str, Any]) -> Selection:
@@ -54,8 +46,6 @@ def _site(op: MeanSparse) -> Dict[str, Any]:
 
 def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
     """Write the MeanSparse state of `gm` (from fxsparse.prepare or sparsify) to `path`."""
-    from fxsparse import __version__
-
     gm = getattr(gm, "_orig_mod", gm)  # torch.compile's wrapper: save the module it compiles
     record = gm.meta.get(PREPARE_META) if isinstance(gm, fx.GraphModule) else None
     if record is None:
@@ -67,7 +57,7 @@ def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
             tensors[f"{name}/{buffer}"] = getattr(op, buffer)
         if op.zscore_counts is not None:
             tensors[f"{name}/zscore_edges"], tensors[f"{name}/zscore_counts"] = op.zscore_edges, op.zscore_counts
-    report = gm.meta.get("fxsparse_capture")
+    report = gm.meta.get(CAPTURE_META)
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "fxsparse_version": __version__, "torch_version": torch.__version__,
@@ -129,8 +119,6 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
     Raises PersistenceError when the file is unreadable or corrupt, or when its sites differ from the ones
     the pass finds in `model` (missing or extra sites, other kinds, channel axes or channel counts).
     """
-    from fxsparse import prepare
-
     if not isinstance(model, nn.Module):
         raise FxsparseError(f"fxsparse.load needs the torch.nn.Module to load into, got {type(model).__name__}")
     path = os.fspath(path)

@@ -7,6 +7,7 @@ standard deviations of their channel mean; counts add up across batches and rank
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -190,3 +191,22 @@ class ZScoreCounter:
         hist = torch.bincount(idx, minlength=len(ZSCORE_GRID) + 1)[: len(ZSCORE_GRID)]
         self.counts += torch.cumsum(hist, 0).to(torch.float64).cpu()
         self.total += idx.numel()
+
+
+def replaced_fraction(op: MeanSparse, alpha: Optional[float] = None) -> Optional[float]:
+    """Fraction of calibration elements the operator replaces at `alpha` (default: its own), or None."""
+    if op.zscore_counts is None:
+        return None
+    a = float(op.alpha) if alpha is None else float(alpha)
+    grid = op.zscore_edges.tolist()
+    fractions = op.zscore_counts.tolist()
+    if a <= 0:
+        return 0.0
+    if a >= grid[-1]:
+        return fractions[-1]
+    k = min(range(len(grid)), key=lambda i: abs(grid[i] - a))
+    if math.isclose(grid[k], a, abs_tol=1e-9):
+        return fractions[k]
+    lo = max(i for i in range(len(grid)) if grid[i] < a)
+    w = (a - grid[lo]) / (grid[lo + 1] - grid[lo])
+    return fractions[lo] * (1 - w) + fractions[lo + 1] * w

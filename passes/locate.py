@@ -16,13 +16,12 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import fx, nn
 
+from fxsparse._meta import ACTIVATION_MODULE_META, PATH_META
 from fxsparse.errors import SelectionError
 from fxsparse.passes.composites import find_composites
 from fxsparse.passes.kinds import (ActivationKind, activation_module_classes, get_kind, kind_of_aten,
                                    kind_of_function, kind_of_method, kind_of_module)
 
-PATH_META = "fxsparse_path"
-ACTIVATION_MODULE_META = "fxsparse_activation_module"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,11 +24,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 
 from torch import fx, nn
 
+from fxsparse._meta import PATH_META
 from fxsparse.errors import SelectionError
 from fxsparse.passes.channel_axis import infer_channel_dim
 from fxsparse.passes.composites import op_name
 from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
-from fxsparse.passes.locate import PATH_META, Site, as_selection, locate
+from fxsparse.passes.locate import Site, as_selection, locate
 from fxsparse.passes.shapes import node_shape
 
 PRESETS: Dict[str, Tuple[str, ...]] = {

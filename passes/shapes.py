@@ -13,11 +13,10 @@ from torch import fx, nn
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxsparse._meta import INNER_META, SHAPE_META
 from fxsparse.errors import FxsparseError
 from fxsparse.passes.kinds import activation_module_classes
 
-SHAPE_META = "fxsparse_shape"
-INNER_META = "fxsparse_inner_shapes"  # on opaque-leaf nodes: {inner module path: input shape}
 
 
 def _shape_of(value) -> Tuple[int, ...] | None:

@@ -18,12 +18,13 @@ from typing import Iterable, List, Tuple
 import torch
 from torch import fx, nn
 
+from fxsparse._meta import INNER_META, PATH_META, SHAPE_META, SITE_META
 from fxsparse.errors import FxsparseError
 from fxsparse.ops import MeanSparse
 from fxsparse.passes.channel_axis import fallback_dim, infer_channel_dim
 from fxsparse.passes.fresh import producer_hooks
-from fxsparse.passes.locate import PATH_META, Site
-from fxsparse.passes.shapes import INNER_META, SHAPE_META, node_shape
+from fxsparse.passes.locate import Site
+from fxsparse.passes.shapes import node_shape
 
 
 class ApplyBefore:
@@ -82,7 +83,7 @@ def _splice_graph_site(gm: fx.GraphModule, site: Site, device) -> None:
         new = gm.graph.call_module(target, (inp,))
     new.meta[PATH_META] = target
     new.meta[SHAPE_META] = shape
-    new.meta["fxsparse_site"] = site.name
+    new.meta[SITE_META] = site.name
     for consumer in consumers:
         consumer.replace_input_with(inp, new)
     hooks = producer_hooks(gm, inp, new)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxsparse
-from bad_inputs import Small
+from fxsparse.testing.bad_inputs import Small
 
 BATCHES = [torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(7)]
 

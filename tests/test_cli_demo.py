@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fxsparse
-from fxsparse import demo
-from fxsparse.cli import main
-from fxsparse.zoo import resolve
+from fxsparse.tools import demo
+from fxsparse.tools.cli import main
+from fxsparse.tools.zoo import resolve
 
 
 def test_audit_markdown_on_meta_device(capsys):
@@ -66,7 +66,7 @@ def test_demo_runs_end_to_end_and_caches(tmp_path, monkeypatch):
 
 
 def test_pgd_lowers_accuracy_and_respects_the_budget():
-    from fxsparse.attacks import pgd
+    from fxsparse.robust.attacks import pgd
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fxsparse.cli import main
+from fxsparse.tools.cli import main
 
 pytest.importorskip("pyautoattack")
 

@@ -5,8 +5,8 @@ from hypothesis import given, settings, strategies as st
 from torch._dynamo.testing import CompileCounter
 
 import fxsparse
-from models import MODELS, build
-from spellings import SPELLINGS
+from fxsparse.testing.models import MODELS, build
+from fxsparse.testing.spellings import SPELLINGS
 from test_locate_splice import DEFAULT_SPELLINGS, Steps, _input
 
 

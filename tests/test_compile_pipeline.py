@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
-from fxsparse.backend import module_path
+from fxsparse.compile.backend import module_path
 
 
 def convnet():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
-from fxsparse.coverage import check_coverage, record_activations, verify
+from fxsparse.tools.coverage import check_coverage, record_activations, verify
 
 C = 6
 
@@ -124,7 +124,7 @@ def test_fallback_to_export_is_automatic_and_reported():
 
 
 def test_export_and_fx_agree_on_sites():
-    from models import build
+    from fxsparse.testing.models import build
 
     model, size = build("convnext_atto_nhwc")
     x = torch.randn(2, 3, size, size)
@@ -146,7 +146,7 @@ def test_no_capture_path_names_every_reason():
 
 
 def test_oracle_names_uncovered_activations():
-    from models import build
+    from fxsparse.testing.models import build
 
     model, size = build("tv_resnet18")
     x = torch.randn(2, 3, size, size)
@@ -159,7 +159,7 @@ def test_oracle_names_uncovered_activations():
 
 
 def test_verify_reports_everything():
-    from models import build
+    from fxsparse.testing.models import build
 
     model, size = build("mixer_s16")
     result = verify(model, (torch.randn(2, 3, size, size),))

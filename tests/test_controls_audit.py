@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxsparse
-from models import build
+from fxsparse.testing.models import build
 
 
 @pytest.fixture(scope="module")

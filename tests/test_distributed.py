@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import fxsparse
-from bad_inputs import Small
+from fxsparse.testing.bad_inputs import Small
 
 WORLD = 2
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxsparse
-from bad_inputs import BAD_INPUTS, X, small_model
+from fxsparse.testing.bad_inputs import BAD_INPUTS, X, small_model
 
 
 def _snapshot(model: nn.Module):
@@ -73,7 +73,7 @@ def test_site_channel_mismatch_names_the_site():
 
 
 def test_capture_failure_names_the_model_and_each_path():
-    from bad_inputs import DataDependent
+    from fxsparse.testing.bad_inputs import DataDependent
 
     with pytest.raises(fxsparse.CaptureError) as info:
         fxsparse.prepare(DataDependent(), X)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import fxsparse
-from fxsparse import attacks
-from fxsparse.evaluation import ATTACKS, evaluate, parse_attack
+from fxsparse.robust import attacks
+from fxsparse.robust.evaluation import ATTACKS, evaluate, parse_attack
 
 pytest.importorskip("pyautoattack")
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import fxsparse
 
-from fuzz_models import SPECS, check_compiled_matches_eager, check_pipeline
+from fxsparse.testing.fuzz_models import SPECS, check_compiled_matches_eager, check_pipeline
 
 ALPHAS = st.floats(0.05, 1.5)
 

@@ -7,7 +7,7 @@ from torch import fx, nn
 
 import fxsparse
 from fxsparse.passes.kinds import unregister_activation
-from spellings import GATES, SPELLINGS, instantiate
+from fxsparse.testing.spellings import GATES, SPELLINGS, instantiate
 
 C, H, W = 6, 5, 4  # distinct sizes, so a wrong channel axis shows up as a wrong channel count
 

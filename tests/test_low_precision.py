@@ -4,8 +4,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxsparse
-from bad_inputs import Small
-from fxsparse.calibrate import ChannelStats
+from fxsparse.testing.bad_inputs import Small
+from fxsparse.stats import ChannelStats
 
 LOW = [torch.float16, torch.bfloat16]
 

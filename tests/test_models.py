@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxsparse
-from models import MODELS, build, count_activation_module_calls
+from fxsparse.testing.models import MODELS, build, count_activation_module_calls
 
 
 @pytest.mark.parametrize("name", list(MODELS))

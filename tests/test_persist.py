@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import fxsparse
-from bad_inputs import Small
+from fxsparse.testing.bad_inputs import Small
 
 
 def _resnet18():

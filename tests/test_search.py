@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fxsparse
-from fxsparse.search import stage_of
+from fxsparse.robust.search import stage_of
 
 EPS = 0.05
 

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from fxsparse.coverage import verify
+from fxsparse.tools.coverage import verify
 
 # (timm name, input side, extra create_model kwargs); sides below the configured one where the model allows it
 SAMPLE = [

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
-from fxsparse.attacks import accuracy, pgd
+from fxsparse.robust.attacks import accuracy, pgd
 
 # eps = 0.1 on [0, 1] pixels (1.6 of the 16 grey levels of the digits)
 CONFIG = dict(seed=0, epochs=30, batch=64, lr=0.05, eps=0.1, train_steps=5, eval_steps=20, width=32)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fxsparse._meta import CAPTURE_META
 from fxsparse.ops import MeanSparse
 from fxsparse.passes.kinds import activation_kinds
 
@@ -249,4 +250,4 @@ def verify(model: nn.Module, inputs: Sequence[torch.Tensor], **prepare_kwargs) -
         fxsparse.set_alpha(gm, 0.2)
         with torch.no_grad():
             finite = all(bool(torch.isfinite(t).all()) for t in _leaves(gm(*inputs)) if t.is_floating_point())
-    return Verification(gm.meta["fxsparse_capture"].path, sites, exact, report, finite)
+    return Verification(gm.meta[CAPTURE_META].path, sites, exact, report, finite)

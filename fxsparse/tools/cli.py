@@ -9,7 +9,7 @@ import torch
 
 
 def _cmd_demo(args) -> int:
-    from fxsparse import demo
+    from fxsparse.tools import demo
 
     demo.run(retrain=args.retrain)
     return 0
@@ -18,7 +18,7 @@ def _cmd_demo(args) -> int:
 def _cmd_audit(args) -> int:
     import fxsparse
     from fxsparse.inputs import default_input_shape
-    from fxsparse.zoo import load_model
+    from fxsparse.tools.zoo import load_model
 
     device = "cpu" if args.calibrate else "meta"
     model, note = load_model(args.model, pretrained=args.pretrained, device=device)
@@ -69,8 +69,8 @@ def _load_split(path: str):
 
 def _evaluation_setup(args):
     """(model, {calibration, validation, test}) for `fxsparse evaluate`."""
-    from fxsparse import demo
-    from fxsparse.zoo import load_model
+    from fxsparse.tools import demo
+    from fxsparse.tools.zoo import load_model
 
     splits = {}
     if args.data == "digits" or args.model == "digits":
@@ -104,7 +104,7 @@ def _cmd_evaluate(args) -> int:
     if args.device:
         model = model.to(args.device)
     select = {"kinds": args.kinds} if args.kinds else None
-    from fxsparse.evaluation import iter_batches
+    from fxsparse.robust.evaluation import iter_batches
 
     calib = list(iter_batches(splits["calibration"], args.batch_size))
     gm = fxsparse.sparsify(model, [x.to(args.device or "cpu") for x, _ in calib], alpha=0.0, select=select,
@@ -143,7 +143,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    from fxsparse.evaluation import ATTACKS
+    from fxsparse.robust.evaluation import ATTACKS
 
     ev = sub.add_parser("evaluate", help="clean, PGD, APGD, Square, AutoAttack accuracy, as is and with BPDA",
                         description="Sparsify MODEL (calibrating on the calibration split), set or search alpha "

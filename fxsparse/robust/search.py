@@ -19,7 +19,7 @@ from torch import nn
 
 from fxsparse.controls import set_alpha
 from fxsparse.errors import FxsparseError, SelectionError
-from fxsparse.evaluation import MODES, evaluate, example_fingerprints, iter_batches, parse_attack
+from fxsparse.robust.evaluation import MODES, evaluate, example_fingerprints, iter_batches, parse_attack
 from fxsparse.ops import meansparse_ops
 
 DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)

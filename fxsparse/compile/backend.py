@@ -36,12 +36,12 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import fx, nn
 
-from fxsparse.calibrate import ChannelStats
+from fxsparse.stats import ChannelStats
 from fxsparse.errors import CalibrationError, SelectionError
 from fxsparse.ops import MeanSparse, mean_sparse, meansparse_ops
 from fxsparse.passes.kinds import kind_of_module_class
-from fxsparse.passes.locate import ACTIVATION_MODULE_META, PATH_META, Selection, as_selection, locate
-from fxsparse.passes.shapes import SHAPE_META
+from fxsparse._meta import ACTIVATION_MODULE_META, PATH_META, SHAPE_META
+from fxsparse.passes.locate import Selection, as_selection, locate
 from fxsparse.passes.splice import splice
 
 Statistics = Dict[str, Dict[str, torch.Tensor]]
@@ -254,5 +254,5 @@ class MeanSparseBackend:
 
 
 def backend(stats=None, alpha=0.0, **kwargs) -> MeanSparseBackend:
-    """A `torch.compile` backend applying MeanSparse (see fxsparse/backend.py); without `stats`, it calibrates."""
+    """A `torch.compile` backend applying MeanSparse (see fxsparse/compile/backend.py); without `stats`, it calibrates."""
     return MeanSparseBackend(stats, alpha, **kwargs)

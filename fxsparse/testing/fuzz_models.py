@@ -21,7 +21,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import fxsparse
-from spellings import GATES, SPELLINGS, instantiate
+from fxsparse.testing.spellings import GATES, SPELLINGS, instantiate
 
 C, H, W = 6, 5, 4  # distinct sizes: a wrong channel axis shows up as a wrong channel count
 SPELLING = {s[0]: s for s in SPELLINGS}

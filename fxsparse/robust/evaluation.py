@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import nn
 
-from fxsparse import attacks as _attacks
+from fxsparse.robust import attacks as _attacks
 from fxsparse.controls import straight_through
 from fxsparse.errors import FxsparseError
 from fxsparse.ops import meansparse_ops

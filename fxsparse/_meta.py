@@ -1,0 +1,23 @@
+"""Every key fxsparse writes into `node.meta` or `GraphModule.meta`, in one place.
+
+Node keys:
+    PATH_META               the module path a node came from ("layer1.0.conv1"), as capture records it
+    ACTIVATION_MODULE_META  export graphs: the ATen op is the whole forward of an activation module
+    SHAPE_META              the node's output shape, from shape propagation
+    INNER_META              opaque-leaf nodes: {activation path inside the leaf: its input shape}
+    SITE_META               MeanSparse nodes: the site name the operator serves
+
+GraphModule keys:
+    CAPTURE_META            the CaptureReport: which capture path was taken and why
+    SHAPES_META             "fake" or "real": how shapes were propagated
+    PREPARE_META            what fxsparse.prepare was asked (selection, inputs, placement), for fxsparse.load
+"""
+PATH_META = "fxsparse_path"
+ACTIVATION_MODULE_META = "fxsparse_activation_module"
+SHAPE_META = "fxsparse_shape"
+INNER_META = "fxsparse_inner_shapes"
+SITE_META = "fxsparse_site"
+
+CAPTURE_META = "fxsparse_capture"
+SHAPES_META = "fxsparse_shapes"
+PREPARE_META = "fxsparse_prepare"
