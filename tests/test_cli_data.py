@@ -1,0 +1,73 @@
+"""The command line's data sources: image folders read with the model's own preprocessing, unnormalised."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fxsparse.errors import FxsparseError
+from fxsparse.tools import data
+from fxsparse.tools.demo import load_digits_splits
+
+
+def write_digits_folder(root, split):
+    """sklearn's digits as 8-bit PNG files in class subfolders (the pixels 0..16 scaled to 0..255)."""
+    x, y = split
+    for i, (img, label) in enumerate(zip(x, y)):
+        folder = root / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (img[0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:05d}.png")
+    return root
+
+
+def test_image_folder_of_digits_reads_back_the_digits(tmp_path):
+    split = load_digits_splits(0)["test"]
+    root = write_digits_folder(tmp_path / "test", split)
+    loader = data.load_split(f"imagefolder:{root}", data.digits_transform(), batch_size=50)
+    xs, ys = zip(*loader)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == split[0].shape and x.min() >= 0 and x.max() <= 1
+    # ImageFolder orders by class, then file name: the same examples, regrouped by class
+    for c in range(10):
+        ours = x[y == c]
+        theirs = split[0][split[1] == c]
+        assert torch.allclose(ours, theirs, atol=1 / 255)
+
+
+def test_timm_preprocessing_without_normalisation():
+    import timm
+    import timm.data
+
+    model = timm.create_model("test_resnet", pretrained=False)
+    image = Image.fromarray((np.random.default_rng(0).random((200, 180, 3)) * 255).astype(np.uint8))
+    ours = data.unnormalized_transform(model, "timm", "test_resnet")(image)
+    config = timm.data.resolve_data_config({}, model=model)
+    normalised = timm.data.create_transform(**config, is_training=False)(image)
+    mean, std = torch.tensor(config["mean"]).view(3, 1, 1), torch.tensor(config["std"]).view(3, 1, 1)
+    assert ours.shape == normalised.shape and 0 <= ours.min() and ours.max() <= 1
+    torch.testing.assert_close(ours, normalised * std + mean, atol=1e-5, rtol=0)
+
+
+def test_torchvision_preprocessing_without_normalisation():
+    import torchvision
+
+    image = Image.fromarray((np.random.default_rng(1).random((300, 260, 3)) * 255).astype(np.uint8))
+    ours = data.unnormalized_transform(None, "torchvision", "resnet18")(image)
+    preset = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    mean, std = torch.tensor(preset.mean).view(3, 1, 1), torch.tensor(preset.std).view(3, 1, 1)
+    torch.testing.assert_close(ours, preset(image) * std + mean, atol=1e-5, rtol=0)
+    assert ours.shape == (3, 224, 224) and 0 <= ours.min() and ours.max() <= 1
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    with pytest.raises(FxsparseError, match="no such folder"):
+        data.load_split(f"imagefolder:{tmp_path / 'missing'}", data.digits_transform())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FxsparseError, match="class subfolders"):
+        data.load_split(f"imagefolder:{tmp_path / 'empty'}", data.digits_transform())
+    bad = tmp_path / "bad.pt"
+    torch.save({"images": torch.rand(2, 3, 8, 8)}, bad)
+    with pytest.raises(FxsparseError, match=r"must hold \(x, y\) tensors"):
+        data.load_split(str(bad))
+    with pytest.raises(FxsparseError, match="not an image classifier|no published preprocessing"):
+        data.unnormalized_transform(None, "torchvision", "fasterrcnn_resnet50_fpn")
