@@ -1,0 +1,46 @@
+"""Plots render to PNG files of the size asked for."""
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import fxsparse
+from fxsparse.errors import FxsparseError
+from fxsparse.tools.plots import plot_audit, plot_search, wilson
+
+pytest.importorskip("matplotlib")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+
+
+def _png(path, size, dpi=100):
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (int(size[0] * dpi), int(size[1] * dpi))
+    assert len(set(image.convert("L").tobytes())) > 10  # something was drawn, not a blank canvas
+
+
+def test_search_plot(tmp_path):
+    x = torch.rand(32, 1, 8, 8)
+    gm = fxsparse.sparsify(_model(), [x], alpha=0.0, progress=False)
+    y = gm(x).argmax(1).detach()
+    result = fxsparse.search_alpha(gm, (x, y), eps=0.05, attack="pgd:steps=2", alphas=(0.0, 0.3, 0.6),
+                                   max_clean_drop=1.0)
+    path = plot_search(result, tmp_path / "search.png", size=(6, 4))
+    _png(path, (6, 4))
+
+
+def test_audit_plot(tmp_path):
+    gm = fxsparse.sparsify(_model(), [torch.rand(16, 1, 8, 8)], alpha=0.3, progress=False)
+    _png(plot_audit(fxsparse.audit(gm), tmp_path / "audit.png", size=(8, 5)), (8, 5))
+    with pytest.raises(FxsparseError, match="not calibrated"):
+        plot_audit(fxsparse.audit(fxsparse.prepare(_model(), torch.rand(2, 1, 8, 8))), tmp_path / "x.png")
+
+
+def test_wilson_interval():
+    lo, hi = wilson(0.5, 100)
+    assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
+    assert wilson(0.0, 10)[0] == 0.0 and wilson(1.0, 10)[1] == 1.0
