@@ -41,7 +41,7 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _all_gather(t: torch.Tensor) -> List[torch.Tensor]:
+def all_gather(t: torch.Tensor) -> List[torch.Tensor]:
     _, size = rank_and_size()
     local = t.to(_comm_device())
     out = [torch.empty_like(local) for _ in range(size)]
@@ -56,12 +56,12 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_same_length(t: torch.Tensor, what: str) -> List[torch.Tensor]:
-    lengths = _all_gather(torch.tensor([t.numel()], dtype=torch.int64))
+    lengths = all_gather(torch.tensor([t.numel()], dtype=torch.int64))
     if len({int(n) for n in lengths}) > 1:
         raise CalibrationError(
             f"the ranks calibrate different models ({what} of sizes {[int(n) for n in lengths]}); "
             "prepare the same model with the same selection on every rank")
-    return _all_gather(t)
+    return all_gather(t)
 
 
 def merge_stats_across_ranks(stats: Dict[object, ChannelStats], channels: Dict[object, int]) -> None:
@@ -109,7 +109,7 @@ def check_same_across_ranks(value: int, what: str) -> None:
     """Raise on every rank when the ranks disagree about `value` (so no rank waits forever on the others)."""
     if rank_and_size()[1] == 1:
         return
-    values = [int(v) for v in _all_gather(torch.tensor([value], dtype=torch.int64))]
+    values = [int(v) for v in all_gather(torch.tensor([value], dtype=torch.int64))]
     if len(set(values)) > 1:
         raise CalibrationError(f"the ranks disagree about {what}: {values} by rank")
 
@@ -134,7 +134,7 @@ def failing_together() -> Iterator[None]:
 
 
 def _failed_ranks(failed: bool) -> List[int]:
-    flags = _all_gather(torch.tensor([int(failed)], dtype=torch.int64))
+    flags = all_gather(torch.tensor([int(failed)], dtype=torch.int64))
     return [r for r, f in enumerate(flags) if int(f)]
 
 
