@@ -1,0 +1,57 @@
+"""Small helpers every layer uses (imports nothing from fxsparse, so any module may import it)."""
+from __future__ import annotations
+
+import itertools
+from typing import Collection, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+
+def model_state(model: nn.Module) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
+    """(device of the model's first parameter or buffer, dtype of its first floating one); None for what a
+    stateless model does not have. Stops at the first floating tensor: no walk over every parameter."""
+    device = None
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        device = device or t.device
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return device, None
+
+
+def model_device(model: nn.Module, default: str = "cpu") -> torch.device:
+    """Where the model's state lives (`default` for a model without parameters or buffers)."""
+    device, _ = model_state(model)
+    return device if device is not None else torch.device(default)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """"TypeName: first line of the message", at most `limit` characters: for messages that quote a failure."""
+    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def free_name(base: str, taken: Collection[str], start: int = 0) -> str:
+    """`base` if free, else the first free `base_1`, `base_2`, ... from `start` on (how torch.fx and fxsparse
+    name a module's second call)."""
+    if start == 0 and base not in taken:
+        return base
+    count = max(start, 1)
+    while f"{base}_{count}" in taken:
+        count += 1
+    return f"{base}_{count}"
+
+
+def submodule_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    """The module a call_module node calls, None for any other node (or a target that is gone)."""
+    if node.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+
+
+def scoped(scope: str, leaf: str) -> str:
+    """"scope.leaf", or "leaf" at the root."""
+    return f"{scope}.{leaf}" if scope else leaf
