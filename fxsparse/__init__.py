@@ -32,8 +32,9 @@ Graph meta keys live in fxsparse/_meta.py; helpers shared across layers in fxspa
 """
 from __future__ import annotations
 
-from fxsparse.errors import (CalibrationError, CaptureError, FxsparseError, NoActivationWarning, PersistenceError,
-                             SelectionError)
+from fxsparse.errors import (BackendError, CalibrationError, CaptureError, FxsparseError, FxsparseTypeError,
+                             FxsparseValueError, InputRangeError, MissingDependencyError, NoActivationWarning,
+                             PersistenceError, SelectionError)
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
 from fxsparse.passes.locate import Selection, Site, locate
@@ -54,6 +55,7 @@ from fxsparse._version import __version__
 __all__ = [
     "sparsify", "prepare", "calibrate", "set_alpha", "audit", "straight_through", "register_activation",
     "MeanSparse", "meansparse_ops", "FxsparseError", "CaptureError", "CalibrationError", "SelectionError",
+    "FxsparseValueError", "FxsparseTypeError", "InputRangeError", "BackendError", "MissingDependencyError",
     "Selection", "Site", "Audit", "SiteRecord", "ActivationKind", "activation_kinds", "capture", "locate", "splice",
     "backend", "MeanSparseBackend", "statistics", "save", "load", "PersistenceError", "NoActivationWarning",
     "evaluate", "Evaluation", "search_alpha", "SearchResult", "place", "PRESETS", "residual_joins",

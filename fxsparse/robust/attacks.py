@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxsparse.errors import FxsparseValueError, MissingDependencyError
+
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     if norm == "linf":
@@ -57,7 +59,7 @@ def pgd(
 ) -> torch.Tensor:
     """Adversarial examples maximising cross-entropy; per example, the first restart that fools the model wins."""
     if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     step_size = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
     gen = torch.Generator().manual_seed(seed)
     lo, hi = bounds
@@ -114,20 +116,16 @@ def _pyautoattack():
     try:
         import pyautoattack
     except ImportError as exc:
-        from fxsparse.errors import FxsparseError
-
-        raise FxsparseError("APGD, Square and AutoAttack use the reference implementation from the pyautoattack "
+        raise MissingDependencyError("APGD, Square and AutoAttack use the reference implementation from the pyautoattack "
                             "package: pip install 'fxsparse[eval]'") from exc
     return pyautoattack
 
 
 def _reference_norm(norm: str, bounds: Tuple[float, float]) -> str:
-    from fxsparse.errors import FxsparseError
-
     if norm not in _NORMS:
-        raise FxsparseError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if tuple(bounds) != (0.0, 1.0):
-        raise FxsparseError(f"the reference attacks assume inputs in [0, 1], got bounds {tuple(bounds)}: put the "
+        raise FxsparseValueError(f"the reference attacks assume inputs in [0, 1], got bounds {tuple(bounds)}: put the "
                             "input normalisation inside the model")
     return _NORMS[norm]
 
@@ -180,9 +178,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
 
     ref_norm = _reference_norm(norm, bounds)
     if ref_norm == "L2" and min(x.shape[-2:]) < 5:
-        from fxsparse.errors import FxsparseError
-
-        raise FxsparseError(f"L2 Square needs images of at least 5 x 5 pixels, got {tuple(x.shape[-2:])}")
+        raise FxsparseValueError(f"L2 Square needs images of at least 5 x 5 pixels, got {tuple(x.shape[-2:])}")
     attack = SquareAttack(model, norm=ref_norm, n_queries=queries, eps=eps, p_init=p_init, n_restarts=restarts,
                           seed=seed, resc_schedule=rescale_schedule, device=x.device)
     with _private_rng(x.device), torch.no_grad():

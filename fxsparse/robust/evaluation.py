@@ -26,7 +26,7 @@ from torch import nn
 
 from fxsparse.robust import attacks as _attacks
 from fxsparse.controls import straight_through
-from fxsparse.errors import FxsparseError
+from fxsparse.errors import FxsparseTypeError, FxsparseValueError
 from fxsparse.ops import meansparse_ops
 
 MODES = ("plain", "bpda")
@@ -66,12 +66,13 @@ def parse_attack(spec: str) -> Tuple[str, Dict[str, Any]]:
     name, _, rest = spec.partition(":")
     name = name.strip().lower()
     if name not in ATTACKS:
-        raise FxsparseError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
+        raise FxsparseValueError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
     options = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, text = item.partition("=")
         if not eq:
-            raise FxsparseError(f"attack option {item!r} in {spec!r} is not key=value")
+            raise FxsparseValueError(f"attack option {item!r} in {spec!r} is not key=value: write "
+                                     "options as 'pgd:steps=50,restarts=2'")
         options[key.strip()] = _value(text.strip())
     return name, {**ATTACKS[name].defaults, **options}
 
@@ -98,7 +99,8 @@ def iter_batches(data: Any, batch_size: int = 256, max_examples: Optional[int] =
             batch = (batch.get("image", batch.get("input")), batch.get("label", batch.get("target")))
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
                 and isinstance(batch[1], torch.Tensor)):
-            raise FxsparseError(f"evaluation needs (input, label) batches of tensors, got {type(batch).__name__}")
+            raise FxsparseTypeError(f"evaluation needs (input, label) batches of tensors, got {type(batch).__name__}; "
+                                    "give an (x, y) pair of tensors or a DataLoader of (x, y) batches")
         x, y = batch[0], batch[1]
         if max_examples is not None:
             x, y = x[: max_examples - seen], y[: max_examples - seen]
@@ -145,7 +147,7 @@ class Evaluation:
         for r in self.results:
             if r.attack == attack:
                 return r
-        raise KeyError(f"{attack!r} was not run; ran {[r.attack for r in self.results]}")
+        raise FxsparseValueError(f"{attack!r} was not run; ran {[r.attack for r in self.results]}")
 
     def worst(self, modes: Sequence[str] = MODES) -> float:
         """Accuracy when each example counts as robust only if every attack, in every mode given, failed."""
@@ -210,7 +212,7 @@ def _plan(attacks_to_run: Sequence[Union[str, Tuple[str, Mapping[str, Any]]]]) -
             name, defaults = parse_attack(spec[0])
             plan.append((name, {**defaults, **dict(spec[1])}))
     if not plan:
-        raise FxsparseError("give at least one attack (e.g. attacks=['clean', 'pgd'])")
+        raise FxsparseValueError("give at least one attack (e.g. attacks=['clean', 'pgd'])")
     return plan
 
 
@@ -250,9 +252,9 @@ def evaluate(
     """
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
-        raise FxsparseError(f"modes must be a non-empty subset of {MODES}, got {tuple(modes)}")
+        raise FxsparseValueError(f"modes must be a non-empty subset of {MODES}, got {tuple(modes)}")
     if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-        raise FxsparseError(f"eps must be a finite number >= 0, got {eps!r}")
+        raise FxsparseValueError(f"eps must be a finite number >= 0, got {eps!r}")
     plan = _plan(attacks)
     dev = _device(model, device)
     operators = len(meansparse_ops(model))
@@ -274,7 +276,7 @@ def evaluate(
                 if heldout:
                     shared = sum(f in heldout for f in example_fingerprints(x, y))
                     if shared:
-                        raise FxsparseError(
+                        raise FxsparseValueError(
                             f"the evaluation data shares {shared} example(s) with the validation data search_alpha "
                             "chose alpha on; evaluate on a held-out test split")
                 x, y = x.to(dev), y.to(dev)

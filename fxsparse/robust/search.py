@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from torch import nn
 
 from fxsparse.controls import set_alpha
-from fxsparse.errors import FxsparseError, SelectionError
+from fxsparse.errors import FxsparseValueError, SelectionError
 from fxsparse.robust.evaluation import MODES, evaluate, example_fingerprints, iter_batches, parse_attack
 from fxsparse.ops import meansparse_ops
 
@@ -134,9 +134,9 @@ def search_alpha(
         apply: leave the model at the chosen alpha (otherwise restore the alphas it had).
     """
     if score not in SCORES:
-        raise FxsparseError(f"score must be one of {sorted(SCORES)}, got {score!r}")
+        raise FxsparseValueError(f"score must be one of {sorted(SCORES)}, got {score!r}")
     if strategy not in ("grid", "refine"):
-        raise FxsparseError(f"strategy must be 'grid' or 'refine', got {strategy!r}")
+        raise FxsparseValueError(f"strategy must be 'grid' or 'refine', got {strategy!r}")
     grid = sorted({float(a) for a in alphas} | {0.0})
     if any(a < 0 for a in grid):
         raise SelectionError(f"alphas must be >= 0, got {list(alphas)}")
@@ -146,7 +146,7 @@ def search_alpha(
     parse_attack(attack)  # fail early on a bad attack name
     batches = list(iter_batches(val_data, batch_size, max_examples))  # iterated once: same batches per trial
     if not batches:
-        raise FxsparseError("the validation data is empty")
+        raise FxsparseValueError("the validation data is empty")
     before = {name: float(op.alpha) for name, op in ops.items()}
     stages = _stages(list(ops), per_stage) if per_stage else {}
     table: List[Trial] = []

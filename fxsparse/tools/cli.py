@@ -53,16 +53,16 @@ def _cmd_audit(args) -> int:
 
 def _load_split(path: str):
     """An (x, y) pair from a file written with torch.save: a tuple/list (x, y) or a dict with x/y keys."""
-    from fxsparse.errors import FxsparseError
+    from fxsparse.errors import FxsparseValueError
 
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError) as exc:
-        raise FxsparseError(f"cannot read data file {path}: {exc}") from exc
+        raise FxsparseValueError(f"cannot read data file {path}: {exc}") from exc
     if isinstance(obj, dict):
         obj = (obj.get("x", obj.get("images")), obj.get("y", obj.get("labels")))
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
-        raise FxsparseError(f"{path} must hold (x, y) tensors: torch.save((images, labels), path), or a dict "
+        raise FxsparseValueError(f"{path} must hold (x, y) tensors: torch.save((images, labels), path), or a dict "
                             "with keys x and y")
     return tuple(obj)
 
@@ -90,9 +90,9 @@ def _evaluation_setup(args):
     missing = [k for k in ("calibration", "test") if k not in splits] + (
         ["validation"] if args.search and "validation" not in splits else [])
     if missing:
-        from fxsparse.errors import FxsparseError
+        from fxsparse.errors import FxsparseValueError
 
-        raise FxsparseError(f"fxsparse evaluate needs {' and '.join(missing)} data: give --data digits, or files "
+        raise FxsparseValueError(f"fxsparse evaluate needs {' and '.join(missing)} data: give --data digits, or files "
                             "with --calibration, --validation (for --search) and --data")
     return model.eval(), splits
 

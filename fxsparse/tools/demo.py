@@ -52,7 +52,7 @@ def load_digits_splits(seed: int = 0) -> Dict[str, Tuple[torch.Tensor, torch.Ten
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise fxsparse.FxsparseError("the demo needs scikit-learn: pip install 'fxsparse[demo]'") from exc
+        raise fxsparse.errors.MissingDependencyError("the demo needs scikit-learn: pip install 'fxsparse[demo]'") from exc
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
