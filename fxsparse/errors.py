@@ -48,3 +48,7 @@ class MissingDependencyError(FxsparseError, ImportError):
 
 class NoActivationWarning(UserWarning):
     """The model has no selected activation: fxsparse leaves it unchanged rather than failing."""
+
+
+class SearchWarning(UserWarning):
+    """search_alpha's pick deserves a second look: no gain beyond noise, or the best alpha at the grid's top."""

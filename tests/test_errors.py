@@ -46,7 +46,7 @@ def test_bad_input_gets_a_specific_message_and_leaves_the_model_alone(case, tmp_
 
 # a message names what to do: an instruction, the values allowed, or a question that points to the fix
 FIX = re.compile(r"\b(pass|give|use|run|call|install|set|put|check|write|delete|calibrate|evaluate|upgrade|"
-                 r"exclude|convert|clean|build|load|choose|lists|see|did you mean|known|must|needs)\b", re.IGNORECASE)
+                 r"exclude|convert|clean|build|load|choose|divide|lists|see|did you mean|known|must|needs)\b", re.IGNORECASE)
 
 
 def test_the_fix_check_rejects_a_bare_message():
@@ -162,3 +162,16 @@ def test_backend_skips_a_graph_without_inputs_or_sites_and_raises_its_own_errors
     with pytest.raises(fxsparse.SelectionError, match="no statistics for site 'act'"):
         broken(x)
     torch._dynamo.reset()
+
+
+def test_verify_runs_in_eval_mode_and_restores_the_mode():
+    from fxsparse.tools.coverage import verify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5)).train()
+    model[3].eval()  # mixed modes survive too
+    stats = {k: v.clone() for k, v in model[1].state_dict().items()}
+    result = verify(model, (torch.randn(4, 3, 8, 8) * 3 + 1,))
+    assert result.exact  # eval-mode graph vs eval-mode model
+    assert all(torch.equal(stats[k], v) for k, v in model[1].state_dict().items())  # running stats unchanged
+    assert [m.training for m in model.modules()] == [True, True, True, True, False]

@@ -137,6 +137,17 @@ def _evaluate(model, data=None, **options):
     return fxsparse.evaluate(model, (IMAGES, Y) if data is None else data, **options)
 
 
+class _Named(nn.Module):
+    """The model's scores inside an object no reader knows."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return {"scores": self.model(x)}
+
+
 def _nothing_selected(model, folder):
     return fxsparse.prepare(model, X, select={"include": ["no.such.layer"]})
 
@@ -239,4 +250,26 @@ BAD_INPUTS = [
              fxsparse.SelectionError),
     BadInput("search_alpha with an unknown score", lambda m, d: fxsparse.search_alpha(
         _calibrated(m), (IMAGES, Y), eps=0.1, score="best"), fxsparse.FxsparseValueError),
+    BadInput("search_alpha on normalised images", lambda m, d: fxsparse.search_alpha(
+        _calibrated(m), (X, Y), eps=0.03, attack="pgd:steps=1"), fxsparse.InputRangeError),
+    BadInput("evaluate on normalised images", lambda m, d: _evaluate(m, data=(X, Y)), fxsparse.InputRangeError),
+    BadInput("evaluate on 0-255 pixels", lambda m, d: _evaluate(m, data=(IMAGES * 255, Y)), fxsparse.InputRangeError),
+    BadInput("evaluate on integer pixels", lambda m, d: _evaluate(m, data=((IMAGES * 255).to(torch.uint8), Y)),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("L-inf eps in pixel units", lambda m, d: _evaluate(m, eps=8), fxsparse.InputRangeError),
+    BadInput("L2 eps beyond the input box", lambda m, d: _evaluate(m, eps=20.0, norm="l2"), fxsparse.InputRangeError),
+    BadInput("bounds the wrong way round", lambda m, d: _evaluate(m, bounds=(1.0, 0.0)), fxsparse.FxsparseValueError),
+    BadInput("a model output without scores", lambda m, d: _evaluate(_Named(m)), fxsparse.FxsparseTypeError,
+             TypeError),
+    BadInput("logits= that is not a function", lambda m, d: _evaluate(m, logits="logits"),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("compare evaluations of different data", lambda m, d: fxsparse.compare(
+        _evaluate(m), _evaluate(m, data=(IMAGES[:2], Y[:2]))), fxsparse.FxsparseValueError),
+    BadInput("compare something else", lambda m, d: fxsparse.compare(_evaluate(m), {"clean": 0.9}),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("with_normalization with a std of 0", lambda m, d: fxsparse.with_normalization(m, (0.5,) * 3, (0,) * 3),
+             fxsparse.FxsparseValueError),
+    BadInput("with_normalization with a named preset", lambda m, d: fxsparse.with_normalization(m, "imagenet", 1.0),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("normalization_of a plain module", lambda m, d: fxsparse.normalization_of(m), fxsparse.FxsparseValueError),
 ]
