@@ -65,7 +65,7 @@ def test_demo_runs_end_to_end_and_caches(tmp_path, monkeypatch):
         assert set(row) == {"clean", "pgd", "bpda"} and all(0 <= v <= 1 for v in row.values())
     assert list(tmp_path.glob("demo-digits-cnn-*.pt"))
     lines.clear()
-    demo.run(config=config, alphas=(0.0,), log=lines.append)
+    demo.trained_model(demo.load_digits_splits(config["seed"]), config, log=lines.append)
     assert any("loaded the adversarially trained CNN" in line for line in lines)
 
 

@@ -59,17 +59,21 @@ def pgd(
     bounds: Tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
     schedule: str = "constant",
+    momentum: float = 0.0,
 ) -> torch.Tensor:
     """Adversarial examples maximising cross-entropy; per example, the first restart that fools the model wins.
     The model may return any classifier output (see fxsparse/robust/outputs.py).
 
     schedule: "constant" (Madry et al.: step 2.5 eps / steps) or "cosine": the step starts at 2 eps (L-inf; eps
     for L2) and decays to 0 on a cosine, and every iterate is checked, so an example counts as fooled when
-    any iterate fooled the model (APGD's best-iterate rule; measured against APGD-CE in the README)."""
+    any iterate fooled the model (APGD's best-iterate rule; measured against APGD-CE in the README).
+    momentum (with "cosine"): APGD's heavy-ball step, `x + m (z - x) + (1 - m) (x - x_previous)` (0.75 there)."""
     if norm not in ("linf", "l2"):
         raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if schedule not in ("constant", "cosine"):
         raise FxsparseValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise FxsparseValueError(f"momentum must be in [0, 1] (APGD uses 0.75), got {momentum!r}")
     model = as_classifier(model)
     if step_size is None:
         step_size = (2.0 if norm == "linf" else 1.0) * eps if schedule == "cosine" else 2.5 * eps / max(steps, 1)
@@ -93,8 +97,12 @@ def pgd(
                 size = step_size * 0.5 * (1 + math.cos(math.pi * t / steps))
             else:
                 size = step_size
-            delta = _project(delta.detach() + _step(grad, size, norm), eps, norm)
-            delta = ((x + delta).clamp(lo, hi) - x).detach()
+            stepped = _project(delta.detach() + _step(grad, size, norm), eps, norm)
+            if schedule == "cosine" and momentum and t > 0:  # APGD's heavy-ball step, then projected again
+                stepped = _project(delta + momentum * (stepped - delta) + (1 - momentum) * (delta - previous),
+                                   eps, norm)
+            previous = delta.detach()
+            delta = ((x + stepped).clamp(lo, hi) - x).detach()
         with torch.no_grad():
             wrong = model(x + delta).argmax(1) != y
         take = wrong & ~fooled
