@@ -32,8 +32,9 @@ Graph meta keys live in fxsparse/_meta.py; helpers shared across layers in fxspa
 """
 from __future__ import annotations
 
-from fxsparse.errors import (CalibrationError, CaptureError, FxsparseError, NoActivationWarning, PersistenceError,
-                             SelectionError)
+from fxsparse.errors import (BackendError, CalibrationError, CaptureError, FxsparseError, FxsparseTypeError,
+                             FxsparseValueError, InputRangeError, MissingDependencyError, NoActivationWarning,
+                             PersistenceError, SearchWarning, SelectionError)
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
 from fxsparse.passes.locate import Selection, Site, locate
@@ -46,6 +47,8 @@ from fxsparse.audit import Audit, SiteRecord, audit
 from fxsparse.api import prepare, sparsify
 from fxsparse.persist import load, save
 from fxsparse.compile.backend import MeanSparseBackend, backend, statistics
+from fxsparse.normalization import normalization_of, with_normalization
+from fxsparse.robust.compare import Comparison, compare
 from fxsparse.robust.evaluation import Evaluation, evaluate
 from fxsparse.robust.search import SearchResult, search_alpha
 
@@ -54,7 +57,8 @@ from fxsparse._version import __version__
 __all__ = [
     "sparsify", "prepare", "calibrate", "set_alpha", "audit", "straight_through", "register_activation",
     "MeanSparse", "meansparse_ops", "FxsparseError", "CaptureError", "CalibrationError", "SelectionError",
+    "FxsparseValueError", "FxsparseTypeError", "InputRangeError", "BackendError", "MissingDependencyError", "SearchWarning",
     "Selection", "Site", "Audit", "SiteRecord", "ActivationKind", "activation_kinds", "capture", "locate", "splice",
     "backend", "MeanSparseBackend", "statistics", "save", "load", "PersistenceError", "NoActivationWarning",
-    "evaluate", "Evaluation", "search_alpha", "SearchResult", "place", "PRESETS", "residual_joins",
+    "evaluate", "Evaluation", "compare", "Comparison", "with_normalization", "normalization_of", "search_alpha", "SearchResult", "place", "PRESETS", "residual_joins",
 ]

@@ -12,7 +12,7 @@ from fxsparse._meta import PREPARE_META
 from fxsparse.calibrate import batch_inputs, calibrate
 from fxsparse.capture import capture as capture_model
 from fxsparse.controls import set_alpha
-from fxsparse.errors import CalibrationError, FxsparseError, NoActivationWarning
+from fxsparse.errors import CalibrationError, FxsparseTypeError, NoActivationWarning
 from fxsparse.inputs import as_inputs, default_example_inputs
 from fxsparse.ops import meansparse_ops
 from fxsparse.passes.locate import Selection, as_selection
@@ -52,7 +52,8 @@ def prepare(
             "residual_branch", "mlp_out", a preset ("convnext", "swin"), or a list of them.
     """
     if not isinstance(model, nn.Module):
-        raise FxsparseError(f"fxsparse works on torch.nn.Module objects, got {type(model).__name__}")
+        raise FxsparseTypeError(f"fxsparse works on torch.nn.Module objects, got {type(model).__name__}: build the "
+                                "model first (e.g. timm.create_model(name)) and pass it")
     inputs = as_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
     gm = capture_model(model, inputs, capture)  # graph + shapes, checked by running it on fake inputs
     sites = place(gm, select, placement)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx, nn
 
+from fxsparse.errors import FxsparseValueError
 from fxsparse._meta import CAPTURE_META, SITE_META
 from fxsparse.stats import replaced_fraction
 from fxsparse.ops import MeanSparse, meansparse_ops
@@ -107,7 +108,7 @@ class Audit(List[SiteRecord]):
         import networkx as nx
 
         if self._graph is None:
-            raise ValueError("this audit was made without a graph")
+            raise FxsparseValueError("this audit was made without a graph; call fxsparse.audit(gm) on the GraphModule to get one")
         by_node = {r.node: r for r in self}
         g = nx.DiGraph()
         for node in self._graph.nodes:

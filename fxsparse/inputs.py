@@ -6,7 +6,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
-from fxsparse.errors import FxsparseError
+from fxsparse.errors import FxsparseTypeError, FxsparseValueError
 
 
 def _state_tensor(model: nn.Module):
@@ -30,7 +30,7 @@ def default_input_shape(model: nn.Module) -> Tuple[int, ...]:
             return (m.in_channels, 16, 112, 112)
         if isinstance(m, nn.Linear):
             return (m.in_features,)
-    raise FxsparseError(f"cannot guess an input shape for {type(model).__name__}; pass example_inputs")
+    raise FxsparseValueError(f"cannot guess an input shape for {type(model).__name__}; pass example_inputs")
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2) -> Tuple[torch.Tensor, ...]:
@@ -46,5 +46,5 @@ def as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
     if (isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str)
             and all(isinstance(t, torch.Tensor) for t in example_inputs)):
         return tuple(example_inputs)
-    raise FxsparseError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    raise FxsparseTypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
                         " (pass a batch like the ones the model takes)")

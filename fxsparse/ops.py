@@ -18,6 +18,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from fxsparse.errors import FxsparseValueError
+
 
 class _StraightThroughWhere(torch.autograd.Function):
     """Forward: the MeanSparse output. Backward: the identity (BPDA), for adaptive attacks."""
@@ -183,7 +185,7 @@ class MeanSparse(nn.Module):
     def __init__(self, channels: int, dim: int = 1, *, inplace: bool = False):
         super().__init__()
         if channels < 1:
-            raise ValueError(f"MeanSparse needs at least one channel, got {channels}")
+            raise FxsparseValueError(f"MeanSparse needs at least one channel, got {channels}")
         self.dim = int(dim)
         self.inplace = bool(inplace)
         self.register_buffer("mean", torch.zeros(channels))

@@ -19,7 +19,7 @@ from torch import fx, nn
 from fxsparse._meta import CAPTURE_META, PREPARE_META
 from fxsparse._version import __version__
 from fxsparse.api import prepare
-from fxsparse.errors import FxsparseError, NoActivationWarning, PersistenceError
+from fxsparse.errors import FxsparseTypeError, NoActivationWarning, PersistenceError
 from fxsparse.inputs import _state_tensor
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.passes.locate import Selection
@@ -50,7 +50,8 @@ def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
     record = gm.meta.get(PREPARE_META) if isinstance(gm, fx.GraphModule) else None
     if record is None:
         raise PersistenceError(f"fxsparse.save takes the GraphModule returned by fxsparse.prepare or sparsify, "
-                               f"got a {type(gm).__name__} without fxsparse's record of how it was prepared")
+                               f"got a {type(gm).__name__} without fxsparse's record of how it was prepared: pass "
+                               "the sparsified model, not the original")
     tensors: Dict[str, torch.Tensor] = {}
     for name, op in meansparse_ops(gm).items():
         for buffer in BUFFERS:
@@ -120,7 +121,7 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
     the pass finds in `model` (missing or extra sites, other kinds, channel axes or channel counts).
     """
     if not isinstance(model, nn.Module):
-        raise FxsparseError(f"fxsparse.load needs the torch.nn.Module to load into, got {type(model).__name__}")
+        raise FxsparseTypeError(f"fxsparse.load needs the torch.nn.Module to load into, got {type(model).__name__}")
     path = os.fspath(path)
     tensors, header = read(path, "fxsparse file")
     if header.get("format") != FORMAT:
@@ -145,6 +146,7 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
     if differences:
         raise PersistenceError(
             f"{path} does not match this model: " + "; ".join(differences)
-            + ". It was saved from another architecture, or with another selection or activation registry")
+            + ". It was saved from another architecture, or with another selection or activation registry: load it "
+              "into the model it was saved from")
     _restore(ops, tensors, path)
     return gm

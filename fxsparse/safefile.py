@@ -54,20 +54,21 @@ def read(path: "os.PathLike[str] | str", what: str) -> Tuple[Dict[str, torch.Ten
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise PersistenceError(f"no {what} at {path}")
+        raise PersistenceError(f"no {what} at {path}; check the path (files are written by fxsparse.save)")
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get(HEADER_KEY)
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:
         raise PersistenceError(f"{path} is not a readable {what} (corrupt or truncated?): "
-                               f"{type(exc).__name__}: {exc}") from exc
+                               f"{type(exc).__name__}: {exc}; write it again") from exc
     if raw is None:
-        raise PersistenceError(f"{path} is a safetensors file but not a {what} (no '{HEADER_KEY}' header)")
+        raise PersistenceError(f"{path} is a safetensors file but not a {what} (no '{HEADER_KEY}' header): load "
+                               "plain weights with model.load_state_dict")
     try:
         header = json.loads(raw)
     except ValueError as exc:
-        raise PersistenceError(f"{path}: the {what}'s header is not valid JSON (corrupt file?): {exc}") from exc
+        raise PersistenceError(f"{path}: the {what}'s header is not valid JSON (corrupt file?): {exc}; write it again") from exc
     if not isinstance(header, dict) or header.get("sha256") != _digest(tensors):
         raise PersistenceError(f"{path}: the {what}'s contents do not match their checksum (corrupt file); "
                                "write it again")

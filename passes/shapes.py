@@ -14,7 +14,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxsparse._meta import INNER_META, SHAPE_META
-from fxsparse.errors import FxsparseError
+from fxsparse.errors import FxsparseValueError
 from fxsparse.passes.kinds import activation_module_classes
 
 
@@ -143,7 +143,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
             except Exception as exc:
                 state.restore()
                 shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
-                raise FxsparseError(
+                raise FxsparseValueError(
                     f"the captured model does not run on example inputs of shapes {shapes}: "
                     f"{str(exc).splitlines()[0]}\nPass example_inputs the model accepts.") from exc
             return "real"

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from fxsparse._meta import INNER_META, PATH_META, SHAPE_META, SITE_META
-from fxsparse.errors import FxsparseError
+from fxsparse.errors import FxsparseValueError
 from fxsparse.ops import MeanSparse
 from fxsparse.passes.channel_axis import fallback_dim, infer_channel_dim
 from fxsparse.passes.fresh import producer_hooks
@@ -43,7 +43,7 @@ def _activation_input(node: fx.Node) -> fx.Node:
     for key in ("input", "x", "self"):
         if isinstance(node.kwargs.get(key), fx.Node):
             return node.kwargs[key]
-    raise FxsparseError(f"cannot find the tensor input of activation node {node.name} ({node.format_node()})")
+    raise FxsparseValueError(f"cannot find the tensor input of activation node {node.name} ({node.format_node()})")
 
 
 def _state_device(gm: fx.GraphModule) -> Tuple[torch.device, torch.dtype]:
@@ -72,7 +72,7 @@ def _splice_graph_site(gm: fx.GraphModule, site: Site, device) -> None:
     consumers = site.consumers or [act]
     shape = node_shape(inp)
     if shape is None:
-        raise FxsparseError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
+        raise FxsparseValueError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
     dim, rule = site.axis if site.axis is not None else infer_channel_dim(gm, inp, len(shape))
     op = _make_op(site, shape, dim, rule, device)
     op.node = act.name
@@ -94,7 +94,7 @@ def _splice_inner_site(gm: fx.GraphModule, site: Site, device) -> None:
     leaf_node = site.node
     shape = leaf_node.meta.get(INNER_META, {}).get(site.inner)
     if shape is None:
-        raise FxsparseError(
+        raise FxsparseValueError(
             f"the activation {site.inner!r} inside {leaf_node.target!r} did not run during shape propagation; "
             "pass example_inputs that exercise it, or exclude the site")
     leaf = gm.get_submodule(leaf_node.target)

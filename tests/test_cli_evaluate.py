@@ -26,9 +26,12 @@ def test_evaluate_markdown(files, capsys):
     rc = main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
                "--data", files["test"], "--attacks", "clean", "pgd:steps=2", "--alpha", "0.3", "--eps", "0.03"])
     assert rc == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "## original model, alpha = 0 (no operators)" in out and "## sparsified model, alpha = 0.3" in out
     assert out.count("BPDA (straight-through)") == 2 and "| pgd (steps=2) |" in out
+    assert "| pgd (steps=2) | bpda |" in out and "McNemar p" in out  # the paired before/after verdict
+    assert "normalisation inside the model (mean (0.5, 0.5, 0.5)" in captured.err  # test_resnet's pretrained_cfg
 
 
 def test_evaluate_json_with_search_and_placement(files, capsys):
@@ -38,8 +41,12 @@ def test_evaluate_json_with_search_and_placement(files, capsys):
                "--placement", "residual", "--format", "json", "--no-baseline"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"sparsified", "alpha", "placement", "search"}
-    assert doc["placement"] == ["residual"] and doc["alpha"] in (0.0, 0.5) and len(doc["search"]) == 2
+    assert set(doc) == {"sparsified", "alpha", "placement", "search", "search_verdict"}
+    verdict = doc["search_verdict"]
+    assert verdict["verdict"] in ("no detectable gain", "gain beyond noise") and "McNemar" in verdict["rule"]
+    assert doc["alpha"] == (0.0 if verdict["verdict"] == "no detectable gain" else 0.5)  # 2-point grid: exact
+    assert doc["placement"] == ["residual"] and len(doc["search"]) == 2
+    assert all(len(t["robust_interval"]) == 2 for t in doc["search"])
     assert doc["sparsified"]["n"] == 12 and doc["sparsified"]["attacks"][1]["attack"] == "pgd"
 
 
@@ -54,6 +61,18 @@ def test_evaluate_errors(files, tmp_path, capsys):
     assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
                  "--data", files["test"], "--attacks", "cw"]) == 2
     assert "unknown attack" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_pixels_and_budgets_in_the_wrong_units(files, tmp_path, capsys):
+    x, y = torch.load(files["test"])
+    pixels = tmp_path / "pixels.pt"
+    torch.save((x * 255, y), pixels)
+    base = ["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+            "--attacks", "clean"]
+    assert main(base + ["--data", str(pixels)]) == 2
+    assert "divide the images by 255" in capsys.readouterr().err
+    assert main(base + ["--data", files["test"], "--eps", "8"]) == 2
+    assert "Did you mean 8/255" in capsys.readouterr().err
 
 
 @pytest.mark.slow

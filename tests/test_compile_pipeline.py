@@ -200,11 +200,11 @@ def test_backend_refuses_missing_or_mismatched_statistics():
     model = convnet()
     x = torch.randn(2, 3, 12, 12)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="no statistics for site"):
+    with pytest.raises(fxsparse.SelectionError, match="no statistics for site"):
         torch.compile(model, backend=fxsparse.backend({}, alpha=0.2, compiler=Counting()))(x)
     bad = {"2": {"mean": torch.zeros(3), "std": torch.ones(3)}, "5": {"mean": torch.zeros(16), "std": torch.ones(16)}}
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="3 channels"):
+    with pytest.raises(fxsparse.SelectionError, match="3 channels"):
         torch.compile(model, backend=fxsparse.backend(bad, alpha=0.2, compiler=Counting()))(x)
 
 

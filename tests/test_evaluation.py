@@ -138,3 +138,177 @@ def test_evaluate_inputs_and_errors(data, sparse):
         evaluate(sparse, (x, y), eps=-1)
     with pytest.raises(fxsparse.FxsparseError, match=r"\(input, label\)"):
         evaluate(sparse, [x], eps=0.1)
+
+
+# -- guards on the data and the budget -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("transform,match", [
+    (lambda x: (x - 0.5) / 0.25, "with_normalization"),  # ImageNet-style normalised images
+    (lambda x: x * 255, "divide the images by 255"),
+    (lambda x: x + 0.5, "bounds"),
+])
+def test_evaluate_and_search_refuse_data_outside_the_bounds(data, sparse, transform, match):
+    x, y = data
+    bad = transform(x)
+    later = [(x[:24], y[:24]), (bad[24:], y[24:])]  # the second batch is out of range: every batch is checked
+    with pytest.raises(fxsparse.InputRangeError, match=match):
+        evaluate(_tiny(), later, eps=0.03, attacks=["clean"])
+    with pytest.raises(fxsparse.InputRangeError, match=match):
+        fxsparse.search_alpha(sparse, (bad, y), eps=0.03, attack="pgd:steps=1", alphas=(0.0, 0.1))
+    ev = evaluate(_tiny(), (bad, y), eps=0.03, attacks=["clean"], bounds=(float(bad.min()), float(bad.max())))
+    assert ev.n == 48  # the same data with its own bounds is accepted
+
+
+def test_budgets_in_the_wrong_units_are_refused_and_common_ones_pass(data):
+    from fxsparse.robust.guards import check_budget, check_l2_budget
+
+    x, y = data
+    with pytest.raises(fxsparse.InputRangeError, match="Did you mean 8/255"):
+        evaluate(_tiny(), (x, y), eps=8, attacks=["clean"])
+    with pytest.raises(fxsparse.InputRangeError, match="Did you mean 8/255"):
+        check_budget(0.3, "linf", (0.0, 1.0))
+    check_budget(64 / 255, "linf", (0.0, 1.0))
+    check_budget(16 / 255, "linf", (0.0, 1.0))
+    check_budget(8.0, "linf", (0.0, 255.0))  # 8/255 of a 0-255 range is fine
+    check_l2_budget(3.0, torch.zeros(1, 3, 224, 224), (0.0, 1.0))  # ImageNet L2
+    check_l2_budget(0.5, torch.zeros(1, 3, 32, 32), (0.0, 1.0))    # CIFAR-10 L2
+    with pytest.raises(fxsparse.InputRangeError, match="diameter"):
+        check_l2_budget(56.0, torch.zeros(1, 3, 32, 32), (0.0, 1.0))
+    with pytest.raises(fxsparse.InputRangeError, match="diameter"):
+        evaluate(_tiny(), (x, y), eps=8.5, norm="l2", attacks=["clean"])  # 8 x 8 grey: diameter 8
+
+
+def test_with_normalization_moves_the_normalisation_into_the_model(data):
+    x, y = data
+    mean, std = (0.4,), (0.2,)
+    inner = _tiny()
+    wrapped = fxsparse.with_normalization(inner, mean, std)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), inner((x - 0.4) / 0.2))
+    gm = fxsparse.sparsify(wrapped, [x], alpha=0.2, progress=False)
+    assert len(fxsparse.meansparse_ops(gm)) == 1
+    assert evaluate(gm, (x, y), eps=0.03, attacks=["clean"]).n == 48  # [0, 1] images pass the guard
+    with pytest.raises(fxsparse.FxsparseValueError, match="std must be > 0"):
+        fxsparse.with_normalization(inner, mean, (0.0,))
+    with pytest.raises(fxsparse.FxsparseTypeError, match="sequence of numbers"):
+        fxsparse.with_normalization(inner, "imagenet", std)
+
+
+def test_normalization_of_timm_and_torchvision():
+    timm = pytest.importorskip("timm")
+    torchvision = pytest.importorskip("torchvision")
+    imagenet = [0.485, 0.456, 0.406, 0.229, 0.224, 0.225]
+
+    def flat(pair):
+        return [v for part in pair for v in part]
+
+    with torch.device("meta"):
+        model = timm.create_model("resnet18", pretrained=False)
+        clip = timm.create_model("vit_base_patch16_clip_224", pretrained=False)
+    assert flat(fxsparse.normalization_of(model)) == pytest.approx(imagenet, abs=1e-6)
+    assert flat(fxsparse.normalization_of(clip)) == pytest.approx([0.4815, 0.4578, 0.4082, 0.2686, 0.2613, 0.2758],
+                                                                   abs=1e-4)  # not ImageNet's: read, not assumed
+    cfg = timm.data.resolve_data_config({}, model=clip)
+    assert fxsparse.normalization_of(cfg) == fxsparse.normalization_of(clip)
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    assert flat(fxsparse.normalization_of(weights)) == pytest.approx(imagenet, abs=1e-6)
+    with pytest.raises(fxsparse.FxsparseValueError, match="pass mean and std"):
+        fxsparse.normalization_of(nn.Linear(2, 2))
+
+
+# -- any classifier output ---------------------------------------------------------------------------------
+
+class _Output(nn.Module):
+    """The tiny model returning its logits wrapped as `form`."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.net, self.form = _tiny(), form
+
+    def forward(self, x):
+        z = self.net(x)
+        return {"tuple": (z, z.detach()), "list": [z], "dict": {"logits": z, "hidden": z},
+                "custom": {"scores": z}}[self.form]
+
+
+@pytest.mark.parametrize("form", ["tuple", "list", "dict", "custom"])
+def test_every_output_form_gives_the_same_evaluation(data, form):
+    x, y = data
+    reference = evaluate(_tiny(), (x, y), eps=0.08, attacks=["clean", "pgd:steps=3", "apgd-ce:steps=3"])
+    model = _Output(form).eval()
+    logits = (lambda out: out["scores"]) if form == "custom" else None
+    ev = evaluate(model, (x, y), eps=0.08, attacks=["clean", "pgd:steps=3", "apgd-ce:steps=3"], logits=logits)
+    for a, b in zip(reference.results, ev.results):
+        assert torch.equal(a.correct["plain"], b.correct["plain"]), a.attack
+    if form == "custom":
+        with pytest.raises(fxsparse.FxsparseTypeError, match="logits="):
+            evaluate(model, (x, y), eps=0.08, attacks=["clean"])
+
+
+def test_tiny_hugging_face_vit_sparsified_and_evaluated():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    x = torch.rand(12, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x).logits.argmax(1)
+    gm = fxsparse.sparsify(model, [x], alpha=0.0, progress=False)
+    assert len(fxsparse.meansparse_ops(gm)) == 2  # one GELU per encoder layer
+    before = evaluate(model, (x, y), eps=2 / 255, attacks=["clean", "pgd:steps=2", "apgd-ce:steps=2"])
+    after = evaluate(gm, (x, y), eps=2 / 255, attacks=["clean", "pgd:steps=2", "apgd-ce:steps=2"], baseline=before)
+    assert before["clean"].plain == 1.0 and after["clean"].plain == 1.0
+    for a, b in zip(before.results, after.results):  # alpha = 0: the same model, the same outcomes
+        assert torch.equal(a.correct["plain"], b.correct["plain"]), a.attack
+    assert all(r.verdict == "within noise" and r.gained == r.lost == 0 for r in after.comparison.rows)
+    adv = attacks.pgd(gm, x, y, 2 / 255, steps=2)  # the attacks take the ModelOutput directly too
+    assert (adv - x).abs().max() <= 2 / 255 + 1e-6
+
+
+# -- the paired before / after verdict ---------------------------------------------------------------------
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    from fxsparse.robust.compare import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)   # 2 * P(Bin(5, 1/2) = 0)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(14, 1) < 0.05 < mcnemar_exact(8, 3)
+
+
+def test_compare_pairs_examples_and_says_when_a_difference_is_noise(data, sparse):
+    x, y = data
+    before = evaluate(_tiny(), (x, y), eps=0.1, attacks=["clean", "pgd:steps=5"])
+    fxsparse.set_alpha(sparse, 0.0)
+    same = fxsparse.compare(before, evaluate(sparse, (x, y), eps=0.1, attacks=["clean", "pgd:steps=5"]))
+    assert all(r.gained == r.lost == 0 and r.p_value == 1.0 and r.verdict == "within noise" for r in same.rows)
+    fxsparse.set_alpha(sparse, 3.0)
+    after = evaluate(sparse, (x, y), eps=0.1, attacks=["clean", "pgd:steps=5"], baseline=before)
+    fxsparse.set_alpha(sparse, 0.0)
+    row = after.comparison.row("pgd", "bpda")
+    b, a = before["pgd"].correct["plain"], after["pgd"].correct["bpda"]
+    assert (row.gained, row.lost) == (int((~b & a).sum()), int((b & ~a).sum()))
+    assert row.difference == pytest.approx(float(a.float().mean() - b.float().mean()))
+    assert row.verdict == ("within noise" if row.p_value >= 0.05 else ("better" if row.difference > 0 else "worse"))
+    assert [r.attack for r in after.comparison.rows] == ["clean", "pgd (steps=5)", "pgd (steps=5)",
+                                                         "worst case, every attack"]
+    md = after.to_markdown()
+    assert "McNemar p" in md and "within noise" in md or "better" in md or "worse" in md
+    assert after.to_dict()["comparison"]["n"] == 48
+    with pytest.raises(fxsparse.FxsparseValueError, match="not paired"):
+        fxsparse.compare(before, evaluate(_tiny(), (x, y), eps=0.05, attacks=["clean"]))
+
+
+def test_scheduled_pgd_is_at_least_as_strong_as_fixed_step_pgd(data):
+    x, y = data
+    model = _tiny()
+    fixed = attacks.pgd(model, x, y, 0.05, steps=10)
+    cosine = attacks.pgd(model, x, y, 0.05, steps=10, schedule="cosine", momentum=0.75)
+    assert (cosine - x).abs().max() <= 0.05 + 1e-6 and cosine.min() >= 0 and cosine.max() <= 1
+    with torch.no_grad():
+        acc_fixed = (model(fixed).argmax(1) == y).float().mean()
+        acc_cosine = (model(cosine).argmax(1) == y).float().mean()
+    assert acc_cosine <= acc_fixed

@@ -1,10 +1,13 @@
 """search_alpha: validation data only, the clean-accuracy budget, strategies, per-stage alphas."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import fxsparse
-from fxsparse.robust.search import stage_of
+from fxsparse.robust import search as search_module
+from fxsparse.robust.search import NO_GAIN, Trial, _best, _choose, paired_p, stage_of
 
 EPS = 0.05
 
@@ -69,20 +72,94 @@ def test_search_sees_validation_data_only(setup):
         fxsparse.evaluate(gm, (vx, vy), eps=EPS, attacks=["clean"], search=result)
 
 
-def test_choice_respects_the_clean_budget_and_prefers_small_alphas(setup):
+def test_choice_follows_the_stated_rule(setup):
     gm, val, _ = setup
-    result = fxsparse.search_alpha(gm, val, eps=EPS, attack="pgd:steps=3", alphas=(0.0, 0.1, 0.5, 1.5, 3.0),
-                                   max_clean_drop=0.0)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        result = fxsparse.search_alpha(gm, val, eps=0.15, attack="pgd:steps=3", alphas=(0.0, 0.1, 0.5, 1.5, 3.0),
+                                       max_clean_drop=0.0)
     base = result.baseline
     assert base.alpha == 0.0 and base.allowed
     for t in result.table:
         assert t.allowed == (t.clean >= base.clean)
-    allowed = [t for t in result.table if t.allowed]
-    best = max(t.robust for t in allowed)
-    assert result.robust == best
-    assert result.alpha == min(t.alpha for t in allowed if t.robust == best)
+        assert t.robust_interval[0] <= t.robust <= t.robust_interval[1] and t.n == 40
+        assert t.p_vs_zero == pytest.approx(paired_p(t.robust_correct, base.robust_correct))
+    best = _best(result.table)
+    assert result.best_alpha == best.alpha
+    if paired_p(best.robust_correct, base.robust_correct) >= 0.05 or best.robust <= base.robust:
+        assert result.verdict == NO_GAIN and result.alpha == 0.0
+    else:
+        near = [t.alpha for t in result.table if t.allowed and t.robust > base.robust and t.p_vs_zero < 0.05
+                and paired_p(t.robust_correct, best.robust_correct) >= 0.05]
+        assert result.alpha == min(near) and result.verdict != NO_GAIN
     assert all(float(op.alpha) == pytest.approx(result.alpha) for op in fxsparse.meansparse_ops(gm).values())
-    assert "**chosen**" in result.to_markdown()
+    md = result.to_markdown()
+    assert "**chosen**" in md and "Rule: " in md and "Verdict: " in md and "95% CI" in md
+
+
+def _trials(robust_vectors, clean=None):
+    """Synthetic trials at alphas 0, 0.1, 0.2, ... from per-example robust outcomes."""
+    out = []
+    for i, r in enumerate(robust_vectors):
+        r = torch.tensor(r, dtype=torch.bool)
+        c = 1.0 if clean is None else clean[i]
+        out.append(Trial("grid", round(0.1 * i, 6), c, float(r.float().mean()), c >= (1.0 if clean is None else
+                                                                                     clean[0]) - 0.01,
+                         len(r), robust_correct=r))
+    return out
+
+
+def test_rule_picks_the_smallest_alpha_within_noise_of_the_best():
+    n = 200
+    zero = [True] * 80 + [False] * 120                  # 40%
+    small = [True] * 110 + [False] * 90                 # 55%: 30 gained over 0, beyond noise
+    best = [True] * 114 + [False] * 86                  # 57%: within noise of `small` (4 discordant)
+    alpha, pick, verdict = _choose(_trials([zero, small, best]))
+    assert alpha == 0.1 and pick.robust == pytest.approx(0.55) and verdict != NO_GAIN
+    noise = [True] * 84 + [False] * 116                 # 42%: 4 gained over 0: within noise
+    alpha, pick, verdict = _choose(_trials([zero, noise]))
+    assert (alpha, verdict) == (0.0, NO_GAIN)
+    # the clean budget excludes the best: the pick is among the admissible ones
+    alpha, _, _ = _choose(_trials([zero, small, best], clean=[0.9, 0.9, 0.5]))
+    assert alpha == 0.1
+    assert len(zero) == len(small) == len(best) == n
+
+
+def test_rule_warnings_no_gain_and_top_of_the_grid(setup, monkeypatch):
+    gm, val, _ = setup
+    outcomes = {0.0: [True] * 10 + [False] * 30, 0.2: [True] * 25 + [False] * 15,
+                0.3: [True] * 30 + [False] * 10, 0.4: [True] * 38 + [False] * 2, 0.6: [True] * 40, 0.8: [True] * 40}
+    monkeypatch.setattr(search_module, "evaluate", _fake_evaluate(gm, outcomes))
+    with pytest.warns(fxsparse.SearchWarning, match="largest tried"):
+        result = fxsparse.search_alpha(gm, val, eps=EPS, attack="pgd:steps=1", alphas=(0.0, 0.2, 0.4))
+    assert result.alpha == 0.4 and result.verdict != NO_GAIN and "largest tried" in result.notes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxsparse.SearchWarning)  # the best (0.6) is no longer the largest tried
+        refined = fxsparse.search_alpha(gm, val, eps=EPS, attack="pgd:steps=1", alphas=(0.0, 0.2, 0.4),
+                                        strategy="refine", rounds=1)
+    tried = [t.alpha for t in refined.table]
+    assert 0.6 in tried and 0.8 in tried and 0.3 in tried  # upward: 1.5 and 2 times the top; and bisected
+    assert refined.best_alpha == 0.6 and refined.alpha == 0.4  # 0.4 is within noise of 0.6 (2 discordant)
+    flat = {0.0: [True] * 20 + [False] * 20, 0.2: [True] * 22 + [False] * 18, 0.4: [True] * 21 + [False] * 19}
+    monkeypatch.setattr(search_module, "evaluate", _fake_evaluate(gm, flat))
+    with pytest.warns(fxsparse.SearchWarning, match="no detectable gain"):
+        none = fxsparse.search_alpha(gm, val, eps=EPS, attack="pgd:steps=1", alphas=(0.0, 0.2, 0.4))
+    assert none.alpha == 0.0 and none.verdict == NO_GAIN and not none.gain
+    assert "no detectable gain" in none.verdict_line() and "no detectable gain" in none.to_markdown()
+
+
+def _fake_evaluate(gm, outcomes):
+    """evaluate() stand-in: clean 100%, robust outcomes from `outcomes` at the model's current alpha."""
+    from fxsparse.robust.evaluation import AttackResult, Evaluation
+
+    def fake(model, batches, **kwargs):
+        alpha = round(float(next(iter(fxsparse.meansparse_ops(model).values())).alpha), 6)
+        robust = torch.tensor(outcomes[alpha])
+        clean = AttackResult("clean", {}, correct={"plain": torch.ones(40, dtype=torch.bool)})
+        attack = AttackResult("pgd", {}, correct={"bpda": robust, "plain": robust})
+        return Evaluation([clean, attack], 40, 0.05, "linf", 0, 2)
+
+    return fake
 
 
 def test_refine_per_stage_and_apply_false(setup):

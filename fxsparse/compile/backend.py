@@ -37,7 +37,7 @@ import torch
 from torch import fx, nn
 
 from fxsparse.stats import ChannelStats
-from fxsparse.errors import CalibrationError, SelectionError
+from fxsparse.errors import BackendError, CalibrationError, FxsparseError, SelectionError
 from fxsparse.ops import MeanSparse, mean_sparse, meansparse_ops
 from fxsparse.passes.kinds import kind_of_module_class
 from fxsparse._meta import ACTIVATION_MODULE_META, PATH_META, SHAPE_META
@@ -119,14 +119,17 @@ def _state_as_inputs(gm: fx.GraphModule) -> List[torch.Tensor]:
     Dynamo itself registered. Returns the state tensors in input order (the modules' own buffers, so alpha
     changed in place is seen by the compiled code)."""
     state: List[torch.Tensor] = []
-    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    last_input = placeholders[-1] if placeholders else None  # None: a graph without inputs, state goes first
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), MeanSparse):
             continue
         op = gm.get_submodule(node.target)
         inputs = []
         for field in ("mean", "std", "alpha"):
-            with gm.graph.inserting_after(last_input):
+            where = (gm.graph.inserting_after(last_input) if last_input is not None
+                     else gm.graph.inserting_before(next(iter(gm.graph.nodes))))
+            with where:
                 last_input = gm.graph.placeholder(f"fxsparse_{node.target.replace('.', '_')}_{field}")
             tensor = getattr(op, field)
             last_input.meta["example_value"] = tensor
@@ -160,6 +163,25 @@ class MeanSparseBackend:
 
     # -- the backend -------------------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        """Dynamo wraps any exception a backend raises into its own `BackendCompilerFailed`; so a failure
+        here is returned as a function that raises our error when the compiled frame runs (the user's call),
+        where it reaches the user unwrapped."""
+        try:
+            return self._compile(gm, example_inputs)
+        except Exception as exc:
+            error = exc if isinstance(exc, FxsparseError) else BackendError(
+                f"the fxsparse backend failed on a graph of {len(gm.graph.nodes)} nodes "
+                f"({type(exc).__name__}: {exc}); run the model with fxsparse.backend(compiler='eager') to see "
+                "whether the compiler behind it or the MeanSparse pass fails, and report it")
+            if error is not exc:
+                error.__cause__ = exc
+
+            def fail(*args):
+                raise error
+
+            return fail
+
+    def _compile(self, gm: fx.GraphModule, example_inputs):
         gm = _own_copy(gm)
         _annotate(gm)
         selection = as_selection(self.select)
@@ -182,8 +204,10 @@ class MeanSparseBackend:
                 self._load(site, op)
         if self.calibrating:
             return gm.forward  # eager, so that the observers run
-        state = _state_as_inputs(gm)
         inner = self.compiler if callable(self.compiler) else torch._dynamo.lookup_backend(self.compiler)
+        if not meansparse_ops(gm):  # nothing to rewrite (e.g. a graph between breaks): the compiler alone
+            return inner(gm, list(example_inputs))
+        state = _state_as_inputs(gm)
         compiled = inner(gm, list(example_inputs) + state)
 
         def run(*args):

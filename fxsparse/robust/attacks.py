@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fxsparse.errors import FxsparseValueError, MissingDependencyError
+from fxsparse.robust.outputs import as_classifier, logits_of
 
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -54,11 +58,25 @@ def pgd(
     random_start: bool = True,
     bounds: Tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
+    schedule: str = "constant",
+    momentum: float = 0.0,
 ) -> torch.Tensor:
-    """Adversarial examples maximising cross-entropy; per example, the first restart that fools the model wins."""
+    """Adversarial examples maximising cross-entropy; per example, the first restart that fools the model wins.
+    The model may return any classifier output (see fxsparse/robust/outputs.py).
+
+    schedule: "constant" (Madry et al.: step 2.5 eps / steps) or "cosine": the step starts at 2 eps (L-inf; eps
+    for L2) and decays to 0 on a cosine, and every iterate is checked, so an example counts as fooled when
+    any iterate fooled the model (APGD's best-iterate rule; measured against APGD-CE in the README).
+    momentum (with "cosine"): APGD's heavy-ball step, `x + m (z - x) + (1 - m) (x - x_previous)` (0.75 there)."""
     if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    step_size = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+        raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if schedule not in ("constant", "cosine"):
+        raise FxsparseValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise FxsparseValueError(f"momentum must be in [0, 1] (APGD uses 0.75), got {momentum!r}")
+    model = as_classifier(model)
+    if step_size is None:
+        step_size = (2.0 if norm == "linf" else 1.0) * eps if schedule == "cosine" else 2.5 * eps / max(steps, 1)
     gen = torch.Generator().manual_seed(seed)
     lo, hi = bounds
     best = x.clone()
@@ -66,12 +84,25 @@ def pgd(
     for _ in range(restarts):
         delta = _random_start(x, eps, norm, gen) if random_start else torch.zeros_like(x)
         delta = ((x + delta).clamp(lo, hi) - x).detach()
-        for _ in range(steps):
+        for t in range(steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), y)
+            out = model(x + delta)
+            loss = F.cross_entropy(out, y)
             (grad,) = torch.autograd.grad(loss, delta)
-            delta = _project(delta.detach() + _step(grad, step_size, norm), eps, norm)
-            delta = ((x + delta).clamp(lo, hi) - x).detach()
+            if schedule == "cosine":
+                with torch.no_grad():
+                    wrong = (out.argmax(1) != y) & ~fooled
+                    best[wrong] = (x + delta)[wrong].detach()
+                    fooled |= wrong
+                size = step_size * 0.5 * (1 + math.cos(math.pi * t / steps))
+            else:
+                size = step_size
+            stepped = _project(delta.detach() + _step(grad, size, norm), eps, norm)
+            if schedule == "cosine" and momentum and t > 0:  # APGD's heavy-ball step, then projected again
+                stepped = _project(delta + momentum * (stepped - delta) + (1 - momentum) * (delta - previous),
+                                   eps, norm)
+            previous = delta.detach()
+            delta = ((x + stepped).clamp(lo, hi) - x).detach()
         with torch.no_grad():
             wrong = model(x + delta).argmax(1) != y
         take = wrong & ~fooled
@@ -93,7 +124,7 @@ def accuracy(model: nn.Module, batches: Iterable, attack=None) -> float:
             if attack is not None:
                 x = attack(model, x, y)
             with torch.no_grad():
-                right += int((model(x).argmax(1) == y).sum())
+                right += int((logits_of(model(x)).argmax(1) == y).sum())
             total += y.numel()
     finally:
         model.train(was)
@@ -114,20 +145,16 @@ def _pyautoattack():
     try:
         import pyautoattack
     except ImportError as exc:
-        from fxsparse.errors import FxsparseError
-
-        raise FxsparseError("APGD, Square and AutoAttack use the reference implementation from the pyautoattack "
+        raise MissingDependencyError("APGD, Square and AutoAttack use the reference implementation from the pyautoattack "
                             "package: pip install 'fxsparse[eval]'") from exc
     return pyautoattack
 
 
 def _reference_norm(norm: str, bounds: Tuple[float, float]) -> str:
-    from fxsparse.errors import FxsparseError
-
     if norm not in _NORMS:
-        raise FxsparseError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if tuple(bounds) != (0.0, 1.0):
-        raise FxsparseError(f"the reference attacks assume inputs in [0, 1], got bounds {tuple(bounds)}: put the "
+        raise FxsparseValueError(f"the reference attacks assume inputs in [0, 1], got bounds {tuple(bounds)}: put the "
                             "input normalisation inside the model")
     return _NORMS[norm]
 
@@ -147,6 +174,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm
     from pyautoattack.autopgd_base import APGDAttack
 
     ref_norm = _reference_norm(norm, bounds)
+    model = as_classifier(model)  # the reference code calls model(x) for scores
     attack = APGDAttack(model, n_iter=steps, norm=ref_norm, n_restarts=restarts, eps=eps, seed=seed, loss=loss,
                         device=x.device)
     with _private_rng(x.device):
@@ -161,6 +189,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     from pyautoattack.autopgd_base import APGDAttack_targeted
 
     ref_norm = _reference_norm(norm, bounds)
+    model = as_classifier(model)  # the reference code calls model(x) for scores
     with torch.no_grad():
         classes = model(x[:1]).shape[-1]
     attack = APGDAttack_targeted(model, n_iter=steps, norm=ref_norm, n_restarts=restarts, eps=eps, seed=seed,
@@ -179,10 +208,9 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
     from pyautoattack.square import SquareAttack
 
     ref_norm = _reference_norm(norm, bounds)
+    model = as_classifier(model)  # the reference code calls model(x) for scores
     if ref_norm == "L2" and min(x.shape[-2:]) < 5:
-        from fxsparse.errors import FxsparseError
-
-        raise FxsparseError(f"L2 Square needs images of at least 5 x 5 pixels, got {tuple(x.shape[-2:])}")
+        raise FxsparseValueError(f"L2 Square needs images of at least 5 x 5 pixels, got {tuple(x.shape[-2:])}")
     attack = SquareAttack(model, norm=ref_norm, n_queries=queries, eps=eps, p_init=p_init, n_restarts=restarts,
                           seed=seed, resc_schedule=rescale_schedule, device=x.device)
     with _private_rng(x.device), torch.no_grad():
@@ -198,6 +226,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     smoke tests only; a reported AutoAttack number uses the defaults."""
     pkg = _pyautoattack()
     ref_norm = _reference_norm(norm, bounds)
+    model = as_classifier(model)  # the reference code calls model(x) for scores
     adversary = pkg.AutoAttack(model, device=x.device, eps=eps, norm=ref_norm, seed=seed, version=version)
     adversary.logger.setLevel(logging.WARNING)
     if steps is not None:

@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from fxsparse.robust import attacks as _attacks
+from fxsparse.robust.guards import check_batch, check_budget, check_l2_budget
+from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.controls import straight_through
-from fxsparse.errors import FxsparseError
+from fxsparse.errors import FxsparseTypeError, FxsparseValueError
 from fxsparse.ops import meansparse_ops
 
 MODES = ("plain", "bpda")
@@ -66,12 +68,13 @@ def parse_attack(spec: str) -> Tuple[str, Dict[str, Any]]:
     name, _, rest = spec.partition(":")
     name = name.strip().lower()
     if name not in ATTACKS:
-        raise FxsparseError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
+        raise FxsparseValueError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
     options = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, text = item.partition("=")
         if not eq:
-            raise FxsparseError(f"attack option {item!r} in {spec!r} is not key=value")
+            raise FxsparseValueError(f"attack option {item!r} in {spec!r} is not key=value: write "
+                                     "options as 'pgd:steps=50,restarts=2'")
         options[key.strip()] = _value(text.strip())
     return name, {**ATTACKS[name].defaults, **options}
 
@@ -98,7 +101,8 @@ def iter_batches(data: Any, batch_size: int = 256, max_examples: Optional[int] =
             batch = (batch.get("image", batch.get("input")), batch.get("label", batch.get("target")))
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
                 and isinstance(batch[1], torch.Tensor)):
-            raise FxsparseError(f"evaluation needs (input, label) batches of tensors, got {type(batch).__name__}")
+            raise FxsparseTypeError(f"evaluation needs (input, label) batches of tensors, got {type(batch).__name__}; "
+                                    "give an (x, y) pair of tensors or a DataLoader of (x, y) batches")
         x, y = batch[0], batch[1]
         if max_examples is not None:
             x, y = x[: max_examples - seen], y[: max_examples - seen]
@@ -140,12 +144,14 @@ class Evaluation:
     norm: str
     seed: int
     operators: int
+    comparison: Any = dataclasses.field(default=None, repr=False)  # a Comparison, with evaluate(baseline=...)
 
     def __getitem__(self, attack: str) -> AttackResult:
         for r in self.results:
             if r.attack == attack:
                 return r
-        raise KeyError(f"{attack!r} was not run; ran {[r.attack for r in self.results]}")
+        raise FxsparseValueError(f"{attack!r} was not run; ran {[r.attack for r in self.results]}: pass it in "
+                                 "evaluate(attacks=...)")
 
     def worst(self, modes: Sequence[str] = MODES) -> float:
         """Accuracy when each example counts as robust only if every attack, in every mode given, failed."""
@@ -157,7 +163,8 @@ class Evaluation:
     def to_dict(self) -> Dict[str, Any]:
         return {"n": self.n, "eps": self.eps, "norm": self.norm, "seed": self.seed, "operators": self.operators,
                 "attacks": [r.to_dict() for r in self.results],
-                "worst": {m: self.worst((m,)) for m in MODES} | {"any": self.worst()}}
+                "worst": {m: self.worst((m,)) for m in MODES} | {"any": self.worst()},
+                **({"comparison": self.comparison.to_dict()} if self.comparison is not None else {})}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -178,12 +185,13 @@ class Evaluation:
         note = (f"\n{self.n} examples, {self.norm} eps={self.eps:g}, seed {self.seed}, {self.operators} MeanSparse "
                 f"operators. Robust to every attack in both columns: {_pct(p)} (binomial 95% interval about "
                 f"± {half:.1f} points).\n")
-        return "\n".join(lines) + "\n" + note
+        verdict = f"\n{self.comparison.to_markdown()}" if self.comparison is not None else ""
+        return "\n".join(lines) + "\n" + note + verdict
 
 
 def _predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return (model(x).argmax(1) == y).cpu()
+        return (model(x).argmax(1) == y).cpu()  # model: a Logits wrapper (fxsparse/robust/outputs.py)
 
 
 def _progress(total: Optional[int], enabled: Optional[bool]):
@@ -210,7 +218,7 @@ def _plan(attacks_to_run: Sequence[Union[str, Tuple[str, Mapping[str, Any]]]]) -
             name, defaults = parse_attack(spec[0])
             plan.append((name, {**defaults, **dict(spec[1])}))
     if not plan:
-        raise FxsparseError("give at least one attack (e.g. attacks=['clean', 'pgd'])")
+        raise FxsparseValueError("give at least one attack (e.g. attacks=['clean', 'pgd'])")
     return plan
 
 
@@ -237,8 +245,14 @@ def evaluate(
     device=None,
     progress: Optional[bool] = None,
     search=None,
+    logits: LogitsFn = None,
+    baseline: Optional["Evaluation"] = None,
 ) -> Evaluation:
     """Accuracy of `model` on `data` under each attack, as is and with straight-through gradients.
+
+    Every batch must lie inside `bounds` (images in [0, 1] by default; normalised images: put the
+    normalisation inside the model with `fxsparse.with_normalization`), and `eps` must fit them (an L-inf eps
+    above 64/255 of the range, or an L2 eps beyond the input box's diameter, is refused): InputRangeError.
 
     Args:
         data: an (x, y) pair of tensors (split into `batch_size` batches) or an iterable of (x, y) batches.
@@ -247,13 +261,18 @@ def evaluate(
         max_examples: evaluate on the first n examples only (AutoAttack on a subset).
         search: the SearchResult that chose alpha: the data must not share an example with its validation
             split (raises FxsparseError otherwise).
+        logits: a function of the model's output that returns its (batch, classes) scores, for outputs other
+            than a tensor, a tuple (first element), a dict or Hugging Face ModelOutput (`logits`).
+        baseline: the Evaluation of the original model on the same data, eps and seed: the result then
+            carries the paired comparison (`comparison`, in `to_markdown`): see `fxsparse.compare`.
     """
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
-        raise FxsparseError(f"modes must be a non-empty subset of {MODES}, got {tuple(modes)}")
-    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-        raise FxsparseError(f"eps must be a finite number >= 0, got {eps!r}")
+        raise FxsparseValueError(f"modes must be a non-empty subset of {MODES}, got {tuple(modes)}; choose from "
+                                 "'plain' and 'bpda'")
+    check_budget(eps, norm, bounds)
     plan = _plan(attacks)
+    net = as_classifier(model, logits)
     dev = _device(model, device)
     operators = len(meansparse_ops(model))
     results = [AttackResult(name, {k: v for k, v in opts.items()}) for name, opts in plan]
@@ -274,14 +293,17 @@ def evaluate(
                 if heldout:
                     shared = sum(f in heldout for f in example_fingerprints(x, y))
                     if shared:
-                        raise FxsparseError(
+                        raise FxsparseValueError(
                             f"the evaluation data shares {shared} example(s) with the validation data search_alpha "
                             "chose alpha on; evaluate on a held-out test split")
+                check_batch(x, bounds, index)
+                if norm == "l2" and index == 0:
+                    check_l2_budget(eps, x, bounds)
                 x, y = x.to(dev), y.to(dev)
                 n += len(y)
                 for k, ((name, options), result) in enumerate(zip(plan, results)):
                     bar.set_postfix_str(name)
-                    _run_one(model, ATTACKS[name], options, x, y, eps, norm, bounds, seed + index, modes,
+                    _run_one(net, ATTACKS[name], options, x, y, eps, norm, bounds, seed + index, modes,
                              operators, result, correct[k])
                 bar.update(1)
     finally:
@@ -291,7 +313,12 @@ def evaluate(
             if parts:
                 result.correct[mode] = torch.cat(parts)
                 setattr(result, mode, float(result.correct[mode].float().mean()))
-    return Evaluation(results, n, float(eps), norm, seed, operators)
+    evaluation = Evaluation(results, n, float(eps), norm, seed, operators)
+    if baseline is not None:
+        from fxsparse.robust.compare import compare
+
+        evaluation.comparison = compare(baseline, evaluation)
+    return evaluation
 
 
 def _run_one(model, kind: AttackKind, options, x, y, eps, norm, bounds, seed, modes, operators, result,

@@ -1,40 +1,98 @@
-"""Choose alpha on a validation split: robust accuracy under an attack, subject to a clean-accuracy budget.
+"""Choose alpha on a validation split: robust accuracy under an attack, subject to a clean-accuracy budget,
+and no more alpha than the noise of the validation split justifies.
 
 `search_alpha` sees only the validation data it is given (the test split is for `fxsparse.evaluate`, one
 call later), scores each alpha by robust accuracy under the chosen attack (BPDA by default: a plain gradient
 attack rewards the alpha that hides gradients best) and keeps the alphas that lose at most `max_clean_drop`
-clean accuracy against alpha = 0. Every configuration tried is in the returned table.
+clean accuracy against alpha = 0. Every configuration tried is in the returned table, with 95% Wilson
+intervals.
 
-Strategies: "grid" tries `alphas`; "refine" then bisects around the best one `rounds` times. With
-`per_stage`, a coordinate ascent follows: each stage (a group of sites) tries every grid alpha in turn while
-the others keep theirs.
+The choice rule (RULE, also in `SearchResult.rule`): every alpha is scored on the same examples with the
+same attack seeds, so two alphas are compared example by example. "Within noise of" means an exact McNemar
+test on the examples one alpha keeps robust and the other does not gives p >= 0.05. Among the alphas inside
+the clean budget, `best` has the highest robust accuracy; the pick is the smallest alpha within noise of
+`best` and itself above alpha = 0 beyond noise (a smaller alpha changes the model less and costs less clean
+accuracy). When `best` itself is within
+noise of alpha = 0, the verdict is "no detectable gain" and the pick is 0 (the model unchanged); a
+`SearchWarning` says so. A pick at the top of the grid also warns: larger alphas were not tried
+(`strategy="refine"` extends the grid upward when the best alpha is at its top).
+
+Strategies: "grid" tries `alphas`; "refine" then bisects around the best one `rounds` times (and adds larger
+alphas when the best is the largest tried). With `per_stage`, a coordinate ascent follows from the pick:
+each stage (a group of sites) tries every grid alpha in turn while the others keep theirs, and a change is
+kept only when its gain over the current configuration is beyond noise (McNemar p < 0.05).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 from fxsparse.controls import set_alpha
-from fxsparse.errors import FxsparseError, SelectionError
+from fxsparse.errors import FxsparseValueError, SearchWarning, SelectionError
+from fxsparse.robust.compare import LEVEL, mcnemar_exact
 from fxsparse.robust.evaluation import MODES, evaluate, example_fingerprints, iter_batches, parse_attack
+from fxsparse.robust.guards import check_budget
+from fxsparse.robust.outputs import LogitsFn
 from fxsparse.ops import meansparse_ops
 
-DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)  # shared by search_alpha, the demo and the CLI
 SCORES = {"bpda": ("bpda",), "plain": ("plain",), "worst": MODES}
+# without the reference APGD: PGD with a cosine step schedule, APGD's momentum, best-iterate tracking and
+# restarts (on the digits model, within 2 of 359 test examples of APGD-CE under BPDA: see the README)
+FALLBACK_ATTACK = "pgd:steps=50,restarts=2,schedule=cosine,momentum=0.75"
+RULE = ("the smallest alpha inside the clean budget whose robust accuracy is within noise of the best alpha's and "
+        "above alpha 0's beyond noise (exact McNemar test, paired on the same examples: within noise when "
+        f"p >= {LEVEL:g}); 0 when no alpha is above 0 beyond noise")
+NO_GAIN = "no detectable gain"
+
+
+def default_attack() -> str:
+    """The search's default score attack: APGD-CE (reference implementation) when pyautoattack is installed,
+    else FALLBACK_ATTACK. Both run through straight-through gradients (score="bpda")."""
+    return "apgd-ce" if importlib.util.find_spec("pyautoattack") is not None else FALLBACK_ATTACK
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> Tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_p(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact McNemar p-value of two per-example outcome vectors on the same examples."""
+    return mcnemar_exact(int((a & ~b).sum()), int((~a & b).sum()))
 
 
 @dataclasses.dataclass
 class Trial:
-    """One configuration tried: its alphas (a float, or per stage), validation accuracies, admissibility."""
+    """One configuration tried: its alphas (a float, or per stage), validation accuracies, admissibility,
+    95% Wilson intervals, and McNemar p-values of its robust outcomes against alpha = 0 and the best."""
 
     phase: str
     alpha: Union[float, Dict[str, float]]
     clean: float
     robust: float
     allowed: bool
+    n: int = 0
+    clean_interval: Tuple[float, float] = (0.0, 1.0)
+    robust_interval: Tuple[float, float] = (0.0, 1.0)
+    p_vs_zero: float = 1.0
+    p_vs_best: float = 1.0
+    robust_correct: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "robust_correct"}
 
 
 @dataclasses.dataclass
@@ -49,26 +107,55 @@ class SearchResult:
     n_val: int
     stages: Dict[str, List[str]]
     fingerprints: frozenset = dataclasses.field(default=frozenset(), repr=False)
+    verdict: str = ""                      # "gain beyond noise" or NO_GAIN
+    best_alpha: Union[float, Dict[str, float], None] = None  # highest robust accuracy in the clean budget
+    rule: str = RULE
+    notes: List[str] = dataclasses.field(default_factory=list)  # the warnings raised, e.g. top of the grid
 
     @property
     def baseline(self) -> Trial:
         return self.table[0]
 
+    @property
+    def gain(self) -> bool:
+        return self.verdict != NO_GAIN
+
     def to_markdown(self) -> str:
-        lines = ["| phase | alpha | val clean | val robust | within clean budget |", "|---|---|---|---|---|"]
+        lines = ["| phase | alpha | val clean (95% CI) | val robust (95% CI) | vs alpha 0: p | vs best: p | "
+                 "within clean budget |", "|---|---|---|---|---|---|---|"]
+        chosen = self._chosen_display()
         for t in self.table:
-            alpha = t.alpha if isinstance(t.alpha, float) else ", ".join(f"{k}: {v:g}" for k, v in t.alpha.items())
-            chosen = " **chosen**" if t.alpha == self._chosen_display() else ""
-            lines.append(f"| {t.phase} | {alpha if isinstance(alpha, str) else f'{alpha:g}'}{chosen} | "
-                         f"{100 * t.clean:.1f}% | {100 * t.robust:.1f}% | {'yes' if t.allowed else 'no'} |")
+            alpha = f"{t.alpha:g}" if isinstance(t.alpha, float) else ", ".join(f"{k}: {v:g}" for k, v in t.alpha.items())
+            mark = " **chosen**" if t.alpha == chosen else ""
+            lines.append(f"| {t.phase} | {alpha}{mark} | {_pct_ci(t.clean, t.clean_interval)} | "
+                         f"{_pct_ci(t.robust, t.robust_interval)} | {t.p_vs_zero:.2g} | {t.p_vs_best:.2g} | "
+                         f"{'yes' if t.allowed else 'no'} |")
+        notes = "".join(f"\n\nNote: {n}" for n in self.notes)
         return "\n".join(lines) + (f"\n\n{self.n_val} validation examples; score: {self.attack} "
                                    f"({self.score}); clean accuracy may drop by at most {100 * self.max_clean_drop:g} "
-                                   "percentage point(s) from alpha = 0.\n")
+                                   f"percentage point(s) from alpha = 0. Rule: {self.rule}.\n\n"
+                                   f"Verdict: {self.verdict_line()}{notes}\n")
+
+    def verdict_line(self) -> str:
+        zero = self.baseline
+        if self.verdict == NO_GAIN:
+            return (f"{NO_GAIN}: no alpha beats alpha = 0 ({100 * zero.robust:.1f}% robust) beyond the noise of "
+                    f"{self.n_val} validation examples; alpha = {self._alpha_text()} (the model unchanged)")
+        return (f"alpha = {self._alpha_text()}: {100 * self.robust:.1f}% robust vs {100 * zero.robust:.1f}% at "
+                f"alpha = 0 on validation, a gain beyond noise")
+
+    def _alpha_text(self) -> str:
+        a = self._chosen_display()
+        return f"{a:g}" if isinstance(a, float) else ", ".join(f"{k}: {v:g}" for k, v in a.items())
 
     def _chosen_display(self):
         if isinstance(self.alpha, float):
             return self.alpha
         return {stage: self.alpha[sites[0]] for stage, sites in self.stages.items()}
+
+
+def _pct_ci(p: float, ci: Tuple[float, float]) -> str:
+    return f"{100 * p:.1f}% ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
 
 
 def stage_of(site: str) -> str:
@@ -108,7 +195,7 @@ def search_alpha(
     *,
     eps: float,
     norm: str = "linf",
-    attack: str = "pgd",
+    attack: Optional[str] = None,
     score: str = "bpda",
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     max_clean_drop: float = 0.01,
@@ -120,33 +207,44 @@ def search_alpha(
     max_examples: Optional[int] = None,
     progress: Optional[bool] = None,
     apply: bool = True,
+    bounds: Tuple[float, float] = (0.0, 1.0),
+    logits: LogitsFn = None,
 ) -> SearchResult:
-    """Pick alpha for a calibrated model on `val_data` (validation only; never the test split).
+    """Pick alpha for a calibrated model on `val_data` (validation only; never the test split), by the rule
+    in the module docstring (RULE); the result says whether the gain over alpha = 0 is beyond noise.
 
     Args:
-        attack: the attack that scores an alpha, with options ("pgd:steps=20", "apgd-ce", "square").
+        attack: the attack that scores an alpha, with options ("apgd-ce", "pgd:steps=20", "square"); default
+            `default_attack()`: APGD-CE, or a scheduled PGD with restarts without pyautoattack.
         score: "bpda" (attack through straight-through gradients), "plain", or "worst" (an example counts
             as robust only if it survives both).
         max_clean_drop: the largest clean-accuracy loss (a fraction: 0.01 is one point) against alpha = 0.
-        strategy: "grid", or "refine" (then bisect around the best grid alpha `rounds` times).
+        strategy: "grid", or "refine" (then bisect around the best grid alpha `rounds` times, and extend the
+            grid upward while the best alpha is its largest).
         per_stage: also tune one alpha per stage (True: stages from site names, see `stage_of`; or a mapping
             {stage name: site glob or globs}).
         apply: leave the model at the chosen alpha (otherwise restore the alphas it had).
+        bounds, logits: as in `fxsparse.evaluate` (input range; scores from the model's output).
     """
+    attack = default_attack() if attack is None else attack
     if score not in SCORES:
-        raise FxsparseError(f"score must be one of {sorted(SCORES)}, got {score!r}")
+        raise FxsparseValueError(f"score must be one of {sorted(SCORES)}, got {score!r}")
     if strategy not in ("grid", "refine"):
-        raise FxsparseError(f"strategy must be 'grid' or 'refine', got {strategy!r}")
-    grid = sorted({float(a) for a in alphas} | {0.0})
-    if any(a < 0 for a in grid):
-        raise SelectionError(f"alphas must be >= 0, got {list(alphas)}")
+        raise FxsparseValueError(f"strategy must be 'grid' or 'refine', got {strategy!r}")
+    try:
+        grid = sorted({float(a) for a in alphas} | {0.0})
+    except (TypeError, ValueError):
+        raise SelectionError(f"alphas must be numbers, got {alphas!r}") from None
+    if any(a < 0 or not math.isfinite(a) for a in grid):
+        raise SelectionError(f"alphas must be finite and >= 0, got {list(alphas)}")
+    check_budget(eps, norm, bounds)
     ops = meansparse_ops(model)
     if not ops:
         raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")
     parse_attack(attack)  # fail early on a bad attack name
     batches = list(iter_batches(val_data, batch_size, max_examples))  # iterated once: same batches per trial
     if not batches:
-        raise FxsparseError("the validation data is empty")
+        raise FxsparseValueError("the validation data is empty: give (x, y) validation batches")
     before = {name: float(op.alpha) for name, op in ops.items()}
     stages = _stages(list(ops), per_stage) if per_stage else {}
     table: List[Trial] = []
@@ -154,50 +252,95 @@ def search_alpha(
     def trial(phase: str, alpha, shown=None) -> Trial:
         set_alpha(model, alpha)
         report = evaluate(model, batches, eps=eps, norm=norm, attacks=["clean", attack], modes=SCORES[score],
-                          seed=seed, progress=progress)
-        clean = report["clean"].plain if report["clean"].plain is not None else report["clean"].bpda
-        robust = report.worst(SCORES[score]) if score == "worst" else getattr(report.results[1], score)
+                          seed=seed, progress=progress, bounds=bounds, logits=logits)
+        clean_result = report["clean"]
+        clean_correct = clean_result.correct.get("plain", clean_result.correct.get("bpda"))
+        robust_correct = torch.stack([report.results[1].correct[m] for m in SCORES[score]]).all(0)
+        n = len(robust_correct)
+        clean, robust = float(clean_correct.float().mean()), float(robust_correct.float().mean())
         allowed = not table or clean >= table[0].clean - max_clean_drop - 1e-12
-        table.append(Trial(phase, alpha if shown is None else shown, clean, robust, allowed))
-        return table[-1]
+        t = Trial(phase, alpha if shown is None else shown, clean, robust, allowed, n,
+                  wilson(int(clean_correct.sum()), n), wilson(int(robust_correct.sum()), n),
+                  paired_p(robust_correct, table[0].robust_correct) if table else 1.0,
+                  robust_correct=robust_correct)
+        table.append(t)
+        return t
 
     try:
-        best_alpha, best = 0.0, trial("grid", 0.0)
-        for a in grid[1:]:
-            t = trial("grid", a)
-            if t.allowed and t.robust > best.robust:
-                best_alpha, best = a, t
+        for a in grid:
+            trial("grid", a)
         if strategy == "refine":
-            best_alpha, best = _refine(trial, grid, best_alpha, best, rounds)
-        chosen: Union[float, Dict[str, float]] = best_alpha
+            _refine(trial, table, grid, rounds)
+        chosen, best, verdict = _choose(table)
         if stages:
-            chosen, best = _per_stage(trial, grid, stages, best_alpha, best)
+            chosen, best = _per_stage(trial, grid, stages, chosen, best)
     except BaseException:
         set_alpha(model, before)
         raise
     set_alpha(model, chosen if apply else before)
     fingerprints = frozenset(f for x, y in batches for f in example_fingerprints(x, y))
-    return SearchResult(chosen, best.clean, best.robust, table, attack, score, max_clean_drop,
-                        sum(len(y) for _, y in batches), stages, fingerprints)
+    scalar = [t for t in table if isinstance(t.alpha, float)]
+    best_scalar = _best(scalar)
+    for t in table:
+        t.p_vs_best = paired_p(t.robust_correct, best_scalar.robust_correct)
+    result = SearchResult(chosen, best.clean, best.robust, table, attack, score, max_clean_drop,
+                          sum(len(y) for _, y in batches), stages, fingerprints, verdict, best_scalar.alpha)
+    _warn(result, scalar, best_scalar)
+    return result
 
 
-def _refine(trial, grid, best_alpha, best, rounds):
-    """Bisect between the best alpha and its neighbours, `rounds` times."""
+def _best(trials: Sequence[Trial]) -> Trial:
+    """The highest robust accuracy inside the clean budget (the smallest alpha among ties)."""
+    allowed = [t for t in trials if t.allowed]
+    return max(allowed, key=lambda t: (t.robust, -t.alpha))
+
+
+def _choose(table: List[Trial]) -> Tuple[float, Trial, str]:
+    """RULE: the smallest allowed alpha within noise of the best; 0 with NO_GAIN when the best is within
+    noise of alpha = 0."""
+    zero, best = table[0], _best(table)
+    if best.robust <= zero.robust or paired_p(best.robust_correct, zero.robust_correct) >= LEVEL:
+        return 0.0, zero, NO_GAIN
+    near = [t for t in table if t.allowed and paired_p(t.robust_correct, best.robust_correct) >= LEVEL
+            and paired_p(t.robust_correct, zero.robust_correct) < LEVEL and t.robust > zero.robust]
+    pick = min(near, key=lambda t: t.alpha)
+    return pick.alpha, pick, "gain beyond noise"
+
+
+def _warn(result: SearchResult, scalar: Sequence[Trial], best: Trial) -> None:
+    top = max(t.alpha for t in scalar)
+    if result.verdict == NO_GAIN:
+        result.notes.append(f"{NO_GAIN}: the best alpha inside the clean budget ({best.alpha:g}, "
+                            f"{100 * best.robust:.1f}% robust) is within noise of alpha = 0 "
+                            f"({100 * result.baseline.robust:.1f}%) on {result.n_val} validation examples; the "
+                            "model is left unchanged (alpha = 0). More validation data can resolve smaller gains")
+    if best.alpha == top and top > 0:
+        result.notes.append(f"the best alpha ({top:g}) is the largest tried: larger alphas may do better; give "
+                            "larger alphas or use strategy='refine', which extends the grid upward")
+    for note in result.notes:
+        warnings.warn(note, SearchWarning, stacklevel=3)
+
+
+def _refine(trial, table: List[Trial], grid, rounds: int) -> None:
+    """Bisect between the best alpha and its neighbours, `rounds` times; while the best is the largest alpha
+    tried, also try 1.5 and 2 times it."""
     points = list(grid)
     for r in range(rounds):
-        j = points.index(best_alpha)
+        best = _best([t for t in table if isinstance(t.alpha, float)]).alpha
+        j = points.index(best)
         around = points[max(j - 1, 0): j + 2]
-        mids = [round((a + b) / 2, 6) for a, b in zip(around, around[1:])]
-        for a in mids:
-            t = trial(f"refine {r + 1}", a)
-            if t.allowed and t.robust > best.robust:
-                best_alpha, best = a, t
-        points = sorted(set(points) | set(mids))
-    return best_alpha, best
+        new = [round((a + b) / 2, 6) for a, b in zip(around, around[1:])]
+        if best == points[-1] and best > 0:
+            new += [round(1.5 * best, 6), round(2 * best, 6)]
+        for a in new:
+            if a not in points:
+                trial(f"refine {r + 1}", a)
+        points = sorted(set(points) | set(new))
 
 
-def _per_stage(trial, grid, stages, start: float, best):
-    """Coordinate ascent: one stage at a time over the grid, the others fixed; keeps strict improvements."""
+def _per_stage(trial, grid, stages, start: float, best: Trial):
+    """Coordinate ascent: one stage at a time over the grid, the others fixed; keeps a change only when its
+    robust gain over the current configuration is beyond noise (McNemar p < LEVEL)."""
     current = {stage: start for stage in stages}
     for stage in stages:
         for a in grid:
@@ -206,6 +349,6 @@ def _per_stage(trial, grid, stages, start: float, best):
             candidate = {**current, stage: a}
             per_site = {site: candidate[s] for s, sites in stages.items() for site in sites}
             t = trial(f"stage {stage}", per_site, shown=candidate)
-            if t.allowed and t.robust > best.robust:
+            if t.allowed and t.robust > best.robust and paired_p(t.robust_correct, best.robust_correct) < LEVEL:
                 current, best = candidate, t
     return {site: current[s] for s, sites in stages.items() for site in sites}, best

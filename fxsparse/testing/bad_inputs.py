@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 import fxsparse
+from fxsparse.robust.attacks import pgd
 
 X = torch.randn(4, 3, 6, 6)
+IMAGES = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))  # in [0, 1], for the attacks
+Y = torch.tensor([0, 1, 2, 3])
 
 
 class Small(nn.Module):
@@ -48,9 +51,13 @@ class DataDependent(nn.Module):
 
 @dataclasses.dataclass
 class BadInput:
+    """`expect` is the exact class raised (or warned); `builtin` the builtin it must also be (ValueError for
+    a wrong value, TypeError for a wrong type, ...), so callers that catch builtins catch it."""
+
     what: str
     run: Callable[[nn.Module, str], object]
     expect: type
+    builtin: type = ValueError
 
 
 def _prepared(model):
@@ -116,6 +123,31 @@ def _resume_foreign_checkpoint(model, folder):
     fxsparse.calibrate(_prepared(model), [X], checkpoint=path)
 
 
+def _compiled_without_statistics(model, folder):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=fxsparse.backend({}, alpha=0.2, compiler="eager"))
+    try:
+        return compiled(X)
+    finally:
+        torch._dynamo.reset()
+
+
+def _evaluate(model, data=None, **options):
+    options = {"eps": 0.1, "attacks": ["clean", "pgd:steps=1"], **options}
+    return fxsparse.evaluate(model, (IMAGES, Y) if data is None else data, **options)
+
+
+class _Named(nn.Module):
+    """The model's scores inside an object no reader knows."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return {"scores": self.model(x)}
+
+
 def _nothing_selected(model, folder):
     return fxsparse.prepare(model, X, select={"include": ["no.such.layer"]})
 
@@ -123,14 +155,15 @@ def _nothing_selected(model, folder):
 BAD_INPUTS = [
     # model and capture
     BadInput("model is a function, not an nn.Module", lambda m, d: fxsparse.prepare(lambda x: x, X),
-             fxsparse.FxsparseError),
+             fxsparse.FxsparseTypeError, TypeError),
     BadInput("model is a string (a model name)", lambda m, d: fxsparse.sparsify("resnet18", [X]),
-             fxsparse.FxsparseError),
+             fxsparse.FxsparseTypeError, TypeError),
     BadInput("model branches on a tensor value (no capture path works)",
-             lambda m, d: fxsparse.prepare(DataDependent(), X), fxsparse.CaptureError),
+             lambda m, d: fxsparse.prepare(DataDependent(), X), fxsparse.CaptureError, RuntimeError),
     BadInput("example_inputs of the wrong channel count", lambda m, d: fxsparse.prepare(m, torch.randn(2, 5, 6, 6)),
-             fxsparse.FxsparseError),
-    BadInput("example_inputs is a string", lambda m, d: fxsparse.prepare(m, "x"), fxsparse.FxsparseError),
+             fxsparse.CaptureError, RuntimeError),
+    BadInput("example_inputs is a string", lambda m, d: fxsparse.prepare(m, "x"), fxsparse.FxsparseTypeError,
+             TypeError),
     # selection
     BadInput("unknown activation kind in select", lambda m, d: fxsparse.prepare(m, X, select=["swishy"]),
              fxsparse.SelectionError),
@@ -198,5 +231,45 @@ BAD_INPUTS = [
              lambda m, d: fxsparse.load(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), _saved(m, d)),
              fxsparse.PersistenceError),
     BadInput("load into something that is not a module", lambda m, d: fxsparse.load(None, _saved(m, d)),
-             fxsparse.FxsparseError),
+             fxsparse.FxsparseTypeError, TypeError),
+    # the compile backend
+    BadInput("compile backend without statistics for a site", _compiled_without_statistics, fxsparse.SelectionError),
+    BadInput("MeanSparse with no channel", lambda m, d: fxsparse.MeanSparse(0), fxsparse.FxsparseValueError),
+    # robustness evaluation
+    BadInput("unknown attack name", lambda m, d: _evaluate(m, attacks=["pgdd"]), fxsparse.FxsparseValueError),
+    BadInput("attack option without a value", lambda m, d: _evaluate(m, attacks=["pgd:steps"]),
+             fxsparse.FxsparseValueError),
+    BadInput("unknown norm", lambda m, d: _evaluate(m, norm="l1"), fxsparse.FxsparseValueError),
+    BadInput("PGD with an unknown norm", lambda m, d: pgd(m, X, Y, 0.1, norm="l3"), fxsparse.FxsparseValueError),
+    BadInput("NaN eps", lambda m, d: _evaluate(m, eps=float("nan")), fxsparse.FxsparseValueError),
+    BadInput("unknown mode", lambda m, d: _evaluate(m, modes=["adaptive"]), fxsparse.FxsparseValueError),
+    BadInput("an attack that was not run", lambda m, d: _evaluate(m)["square"], fxsparse.FxsparseValueError),
+    BadInput("evaluation batches of strings", lambda m, d: _evaluate(m, data=["a", "b"]), fxsparse.FxsparseTypeError,
+             TypeError),
+    BadInput("search_alpha on a model without operators", lambda m, d: fxsparse.search_alpha(m, (IMAGES, Y), eps=0.1),
+             fxsparse.SelectionError),
+    BadInput("search_alpha with an unknown score", lambda m, d: fxsparse.search_alpha(
+        _calibrated(m), (IMAGES, Y), eps=0.1, score="best"), fxsparse.FxsparseValueError),
+    BadInput("search_alpha on normalised images", lambda m, d: fxsparse.search_alpha(
+        _calibrated(m), (X, Y), eps=0.03, attack="pgd:steps=1"), fxsparse.InputRangeError),
+    BadInput("evaluate on normalised images", lambda m, d: _evaluate(m, data=(X, Y)), fxsparse.InputRangeError),
+    BadInput("evaluate on 0-255 pixels", lambda m, d: _evaluate(m, data=(IMAGES * 255, Y)), fxsparse.InputRangeError),
+    BadInput("evaluate on integer pixels", lambda m, d: _evaluate(m, data=((IMAGES * 255).to(torch.uint8), Y)),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("L-inf eps in pixel units", lambda m, d: _evaluate(m, eps=8), fxsparse.InputRangeError),
+    BadInput("L2 eps beyond the input box", lambda m, d: _evaluate(m, eps=20.0, norm="l2"), fxsparse.InputRangeError),
+    BadInput("bounds the wrong way round", lambda m, d: _evaluate(m, bounds=(1.0, 0.0)), fxsparse.FxsparseValueError),
+    BadInput("a model output without scores", lambda m, d: _evaluate(_Named(m)), fxsparse.FxsparseTypeError,
+             TypeError),
+    BadInput("logits= that is not a function", lambda m, d: _evaluate(m, logits="logits"),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("compare evaluations of different data", lambda m, d: fxsparse.compare(
+        _evaluate(m), _evaluate(m, data=(IMAGES[:2], Y[:2]))), fxsparse.FxsparseValueError),
+    BadInput("compare something else", lambda m, d: fxsparse.compare(_evaluate(m), {"clean": 0.9}),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("with_normalization with a std of 0", lambda m, d: fxsparse.with_normalization(m, (0.5,) * 3, (0,) * 3),
+             fxsparse.FxsparseValueError),
+    BadInput("with_normalization with a named preset", lambda m, d: fxsparse.with_normalization(m, "imagenet", 1.0),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("normalization_of a plain module", lambda m, d: fxsparse.normalization_of(m), fxsparse.FxsparseValueError),
 ]

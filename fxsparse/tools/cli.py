@@ -53,18 +53,44 @@ def _cmd_audit(args) -> int:
 
 def _load_split(path: str):
     """An (x, y) pair from a file written with torch.save: a tuple/list (x, y) or a dict with x/y keys."""
-    from fxsparse.errors import FxsparseError
+    from fxsparse.errors import FxsparseValueError
 
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError) as exc:
-        raise FxsparseError(f"cannot read data file {path}: {exc}") from exc
+        raise FxsparseValueError(f"cannot read data file {path}: {exc}") from exc
     if isinstance(obj, dict):
         obj = (obj.get("x", obj.get("images")), obj.get("y", obj.get("labels")))
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
-        raise FxsparseError(f"{path} must hold (x, y) tensors: torch.save((images, labels), path), or a dict "
+        raise FxsparseValueError(f"{path} must hold (x, y) tensors: torch.save((images, labels), path), or a dict "
                             "with keys x and y")
     return tuple(obj)
+
+
+def _with_model_normalization(name: str, model):
+    """The model with its input normalisation inside (timm: pretrained_cfg; torchvision: the weights'
+    transforms), so that data files hold [0, 1] images and the attacks' eps and bounds mean what they say."""
+    import fxsparse
+    from fxsparse.tools.zoo import resolve
+
+    lib, bare = resolve(name)
+    source = model
+    if lib == "torchvision":
+        import torchvision
+
+        try:
+            source = torchvision.models.get_model_weights(bare).DEFAULT
+        except (ValueError, KeyError, AttributeError):
+            source = None
+    try:
+        mean, std = fxsparse.normalization_of(source)
+    except fxsparse.FxsparseError:
+        print(f"fxsparse: no input normalisation known for {name}; the model gets the [0, 1] images as they are "
+              "(--normalization none silences this)", file=sys.stderr)
+        return model
+    print(f"fxsparse: normalisation inside the model (mean {mean}, std {std}); data files hold [0, 1] images",
+          file=sys.stderr)
+    return fxsparse.with_normalization(model, mean, std)
 
 
 def _evaluation_setup(args):
@@ -87,12 +113,14 @@ def _evaluation_setup(args):
         model, _ = load_model(args.model, pretrained=args.pretrained, device=args.device or "cpu")
         if args.weights:
             model.load_state_dict(torch.load(args.weights, weights_only=True, map_location="cpu"))
+        if args.normalization == "auto":
+            model = _with_model_normalization(args.model, model)
     missing = [k for k in ("calibration", "test") if k not in splits] + (
         ["validation"] if args.search and "validation" not in splits else [])
     if missing:
-        from fxsparse.errors import FxsparseError
+        from fxsparse.errors import FxsparseValueError
 
-        raise FxsparseError(f"fxsparse evaluate needs {' and '.join(missing)} data: give --data digits, or files "
+        raise FxsparseValueError(f"fxsparse evaluate needs {' and '.join(missing)} data: give --data digits, or files "
                             "with --calibration, --validation (for --search) and --data")
     return model.eval(), splits
 
@@ -112,9 +140,13 @@ def _cmd_evaluate(args) -> int:
     common = dict(eps=args.eps, norm=args.norm, seed=args.seed, batch_size=args.batch_size, progress=args.progress)
     search = None
     if args.search:
-        search = fxsparse.search_alpha(gm, splits["validation"], attack=args.search_attack, alphas=args.alphas,
-                                       max_clean_drop=args.max_clean_drop, strategy=args.strategy,
-                                       per_stage=args.per_stage, **common)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fxsparse.SearchWarning)  # its notes are printed with the table
+            search = fxsparse.search_alpha(gm, splits["validation"], attack=args.search_attack, alphas=args.alphas,
+                                           max_clean_drop=args.max_clean_drop, strategy=args.strategy,
+                                           per_stage=args.per_stage, **common)
     else:
         fxsparse.set_alpha(gm, args.alpha)
     reports = {}
@@ -122,7 +154,8 @@ def _cmd_evaluate(args) -> int:
         reports["original"] = fxsparse.evaluate(model, splits["test"], attacks=args.attacks,
                                                 max_examples=args.max_examples, **common)
     reports["sparsified"] = fxsparse.evaluate(gm, splits["test"], attacks=args.attacks, search=search,
-                                              max_examples=args.max_examples, **common)
+                                              max_examples=args.max_examples, baseline=reports.get("original"),
+                                              **common)
     if args.format == "json":
         import json
 
@@ -130,7 +163,9 @@ def _cmd_evaluate(args) -> int:
         doc["alpha"] = search.alpha if search else args.alpha
         doc["placement"] = args.placement
         if search:
-            doc["search"] = [vars(t) for t in search.table]
+            doc["search"] = [t.to_dict() for t in search.table]
+            doc["search_verdict"] = {"verdict": search.verdict, "line": search.verdict_line(), "rule": search.rule,
+                                     "best_alpha": search.best_alpha, "notes": search.notes}
         print(json.dumps(doc, indent=2))
         return 0
     if search:
@@ -144,13 +179,15 @@ def _cmd_evaluate(args) -> int:
 
 def _add_evaluate(sub) -> None:
     from fxsparse.robust.evaluation import ATTACKS
+    from fxsparse.robust.search import DEFAULT_ALPHAS
 
     ev = sub.add_parser("evaluate", help="clean, PGD, APGD, Square, AutoAttack accuracy, as is and with BPDA",
                         description="Sparsify MODEL (calibrating on the calibration split), set or search alpha "
                         "(on the validation split), and report every attack on the test split, on the model as is "
                         "and through straight-through gradients (BPDA), beside the original model.")
     ev.add_argument("model", help="'digits' (the demo's CNN, trained and cached) or a timm / torchvision name")
-    ev.add_argument("--data", help="'digits' or a torch.save'd (x, y) file of test images in [0, 1]")
+    ev.add_argument("--data", help="'digits' or a torch.save'd (x, y) file of test images in [0, 1] (not normalised: "
+                    "the model's normalisation goes inside it, see --normalization)")
     ev.add_argument("--calibration", help="(x, y) file to calibrate on (training images)")
     ev.add_argument("--validation", help="(x, y) file to search alpha on; disjoint from --data")
     ev.add_argument("--weights", help="state_dict file for the model")
@@ -160,8 +197,10 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--norm", choices=("linf", "l2"), default="linf")
     ev.add_argument("--alpha", type=float, default=0.2, help="alpha when not searching (default 0.2)")
     ev.add_argument("--search", action="store_true", help="choose alpha on the validation split")
-    ev.add_argument("--search-attack", default="pgd", help="attack that scores alpha (BPDA mode), default pgd")
-    ev.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
+    ev.add_argument("--search-attack", default=None,
+                    help="attack that scores alpha (BPDA mode); default apgd-ce (a scheduled PGD with restarts "
+                         "without pyautoattack)")
+    ev.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
     ev.add_argument("--max-clean-drop", type=float, default=0.01, help="clean accuracy the search may lose")
     ev.add_argument("--strategy", choices=("grid", "refine"), default="grid")
     ev.add_argument("--per-stage", action="store_true", help="also tune one alpha per stage")
@@ -175,6 +214,9 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--width", type=int, default=32, help="digits model: width")
     ev.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     ev.add_argument("--pretrained", choices=("auto", "never"), default="auto")
+    ev.add_argument("--normalization", choices=("auto", "none"), default="auto",
+                    help="auto: put the model's input normalisation (timm pretrained_cfg, torchvision weights) "
+                         "inside it, so data files hold [0, 1] images; none: the model takes them as they are")
     ev.add_argument("--no-baseline", action="store_true", help="skip the original model's row")
     ev.add_argument("--format", choices=("markdown", "json"), default="markdown")
     ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -236,13 +236,21 @@ def _same(a, b) -> bool:
 
 
 def verify(model: nn.Module, inputs: Sequence[torch.Tensor], **prepare_kwargs) -> Verification:
-    """Sparsify `model` and check it: alpha = 0 exactness, oracle coverage, and a finite calibrated forward."""
+    """Sparsify `model` and check it: alpha = 0 exactness, oracle coverage, and a finite calibrated forward.
+    The model runs in eval mode (a model left in train mode would update its BatchNorm statistics and compare
+    batch statistics with the graph's eval-mode running ones); its modes are restored afterwards."""
     import fxsparse
 
-    gm = fxsparse.prepare(model, tuple(inputs), **prepare_kwargs)
-    with torch.no_grad():
-        exact = _same(gm(*inputs), model(*inputs))
-    report = check_coverage(model, gm, inputs)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        gm = fxsparse.prepare(model, tuple(inputs), **prepare_kwargs)
+        with torch.no_grad():
+            exact = _same(gm(*inputs), model(*inputs))
+        report = check_coverage(model, gm, inputs)
+    finally:
+        for m, training in modes:
+            m.training = training
     sites = len(fxsparse.audit(gm))
     finite = True
     if sites:

@@ -2,9 +2,10 @@
 
 1. Adversarially train (PGD-AT) a small CNN on scikit-learn's bundled digits (1797 8 x 8 images): cached.
 2. Sparsify it with one call, calibrating on the training split.
-3. Choose alpha on the validation split (best PGD accuracy with at most 1 point of clean accuracy lost).
-4. Report clean, PGD and BPDA-PGD (straight-through gradients) accuracy on the test split, before and after,
-   and the audit of where the operators went.
+3. Choose alpha on the validation split with `fxsparse.search_alpha` (APGD-CE through straight-through
+   gradients, at most 1 point of clean accuracy lost), and print its table, intervals and verdict.
+4. Report clean, PGD and BPDA-APGD-CE accuracy on the test split, before and after, the paired comparison
+   (exact McNemar test) and the audit of where the operators went.
 
 The BPDA column is the honest one: MeanSparse's zero gradient inside the band also hinders a plain gradient
 attack, so plain PGD overstates the gain.
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -23,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
-from fxsparse.robust.attacks import accuracy, pgd
+from fxsparse.robust.attacks import pgd
+from fxsparse.robust.compare import label
+from fxsparse.robust.search import DEFAULT_ALPHAS, default_attack
 
 # eps = 0.1 on [0, 1] pixels (1.6 of the 16 grey levels of the digits)
 CONFIG = dict(seed=0, epochs=30, batch=64, lr=0.05, eps=0.1, train_steps=5, eval_steps=20, width=32)
-ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+ALPHAS = DEFAULT_ALPHAS
 
 
 class DigitsCNN(nn.Sequential):
@@ -52,7 +56,7 @@ def load_digits_splits(seed: int = 0) -> Dict[str, Tuple[torch.Tensor, torch.Ten
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise fxsparse.FxsparseError("the demo needs scikit-learn: pip install 'fxsparse[demo]'") from exc
+        raise fxsparse.errors.MissingDependencyError("the demo needs scikit-learn: pip install 'fxsparse[demo]'") from exc
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
@@ -128,56 +132,45 @@ def trained_model(splits, config=CONFIG, retrain: bool = False, log=print) -> nn
     return model
 
 
-def evaluate(model, split, config, straight: bool) -> Dict[str, float]:
-    """Clean and PGD accuracy; PGD through `straight_through` when `straight` (BPDA)."""
-    eps, steps = config["eps"], config["eval_steps"]
-
-    def attack(m, x, y):
-        if straight:
-            with fxsparse.straight_through(m):
-                return pgd(m, x, y, eps, steps=steps, restarts=1, seed=1)
-        return pgd(m, x, y, eps, steps=steps, restarts=1, seed=1)
-
-    data = batches(split, 256)
-    return {"clean": accuracy(model, data), "pgd": accuracy(model, data, attack)}
-
-
-def run(retrain: bool = False, config=CONFIG, alphas=ALPHAS, log=print) -> Dict[str, object]:
+def run(retrain: bool = False, config=CONFIG, alphas=ALPHAS, log=print, attack: Optional[str] = None) -> Dict[str, object]:
+    """The demo. `attack` scores alpha and is the adaptive test attack (through BPDA); default: the search's
+    default, APGD-CE (or a scheduled PGD with restarts without pyautoattack)."""
     t0 = time.time()
+    attack = attack or default_attack()
     splits = load_digits_splits(config["seed"])
     log(f"data: sklearn digits, train {len(splits['train'][0])} / val {len(splits['val'][0])} / "
         f"test {len(splits['test'][0])} images")
     model = trained_model(splits, config, retrain, log)
 
     gm = fxsparse.sparsify(model, batches(splits["train"], 256), alpha=0.0, progress=False)
-    log(f"sparsified: {len(fxsparse.audit(gm))} MeanSparse sites; choosing alpha on the validation split")
-    val_rows = []
-    for a in alphas:
-        fxsparse.set_alpha(gm, a)
-        val_rows.append((a, evaluate(gm, splits["val"], config, straight=False)))
-    base_clean = val_rows[0][1]["clean"]
-    allowed = [r for r in val_rows if r[1]["clean"] >= base_clean - 0.01]
-    alpha = max(allowed, key=lambda r: (r[1]["pgd"], -r[0]))[0]
-    log("  alpha   val clean   val PGD")
-    for a, r in val_rows:
-        log(f"  {a:5.2f}   {100 * r['clean']:8.1f}%  {100 * r['pgd']:7.1f}%" + ("   <- chosen" if a == alpha else ""))
+    log(f"sparsified: {len(fxsparse.audit(gm))} MeanSparse sites; choosing alpha on the validation split "
+        f"({attack} through straight-through gradients, at most 1 point of clean accuracy lost)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxsparse.SearchWarning)  # its notes are printed with the table
+        search = fxsparse.search_alpha(gm, splits["val"], eps=config["eps"], attack=attack, score="bpda",
+                                       alphas=alphas, max_clean_drop=0.01, progress=False)
+    log(search.to_markdown())
+    alpha = search.alpha
 
-    fxsparse.set_alpha(gm, alpha)
-    test = {
-        "original": {**evaluate(model, splits["test"], config, False)},
-        "sparsified": {**evaluate(gm, splits["test"], config, False),
-                       "bpda": evaluate(gm, splits["test"], config, True)["pgd"]},
-    }
-    test["original"]["bpda"] = test["original"]["pgd"]  # no MeanSparse: BPDA is plain PGD
-    log(f"\ntest split ({len(splits['test'][0])} images), L-inf eps={config['eps']}, PGD-{config['eval_steps']}:")
-    log("| model | alpha | clean | PGD | BPDA-PGD (adaptive) |\n|---|---|---|---|---|")
+    attacks = ["clean", f"pgd:steps={config['eval_steps']}", attack]
+    common = dict(eps=config["eps"], attacks=attacks, progress=False)
+    before = fxsparse.evaluate(model, splits["test"], **common)
+    after = fxsparse.evaluate(gm, splits["test"], baseline=before, **common)
+    strong = label(after.results[2])
+    test = {name: {"clean": ev["clean"].plain, "pgd": ev.results[1].plain,
+                   "bpda": ev.results[2].bpda if ev.results[2].bpda is not None else ev.results[2].plain}
+            for name, ev in (("original", before), ("sparsified", after))}
+    log(f"\ntest split ({after.n} images), L-inf eps={config['eps']}; PGD-{config['eval_steps']} on the model as "
+        f"is, and {strong} through straight-through gradients (BPDA, the adaptive attack):")
+    log(f"| model | alpha | clean | PGD | BPDA-{strong} (adaptive) |\n|---|---|---|---|---|")
     for name, a in (("original", 0.0), ("sparsified", alpha)):
         r = test[name]
         log(f"| {name} | {a:.2f} | {100 * r['clean']:.1f}% | {100 * r['pgd']:.1f}% | {100 * r['bpda']:.1f}% |")
-    gain_pgd = test["sparsified"]["pgd"] - test["original"]["pgd"]
-    gain_bpda = test["sparsified"]["bpda"] - test["original"]["pgd"]
-    log(f"\nrobust accuracy change: {100 * gain_pgd:+.1f} points under PGD, {100 * gain_bpda:+.1f} points under "
-        "BPDA-PGD (the adaptive attack is the one to trust)")
-    log("\naudit:\n" + fxsparse.audit(gm).to_markdown())
+    row = after.comparison.row(strong, "bpda")
+    log(f"\nsearch verdict: {search.verdict_line()}")
+    log(f"test verdict ({strong}, BPDA): {100 * row.difference:+.1f} points ({row.gained} gained, {row.lost} lost, "
+        f"McNemar p = {row.p_value:.2g}): {row.verdict}")
+    log("\npaired comparison on the test split:\n" + after.comparison.to_markdown())
+    log("audit:\n" + fxsparse.audit(gm).to_markdown())
     log(f"done in {time.time() - t0:.0f} s")
-    return {"alpha": alpha, "validation": val_rows, "test": test}
+    return {"alpha": alpha, "search": search, "test": test, "comparison": after.comparison}
