@@ -112,9 +112,8 @@ def _row(attack: str, mode: str, before: torch.Tensor, after: torch.Tensor, leve
 def compare(before, after, *, level: float = LEVEL) -> Comparison:
     """The paired comparison of two Evaluations of the same examples (original first, sparsified second):
     one row per attack both ran and per column of `after`, and a worst-case row (robust to every attack)."""
-    from fxsparse.robust.evaluation import Evaluation
-
-    if not (isinstance(before, Evaluation) and isinstance(after, Evaluation)):
+    # an Evaluation is recognised by its fields: evaluation.py imports this module, not the other way round
+    if not all(hasattr(e, "results") and hasattr(e, "n") for e in (before, after)):
         raise FxsparseTypeError("compare takes two Evaluations (from fxsparse.evaluate), got "
                                 f"{type(before).__name__} and {type(after).__name__}")
     same = {k: (getattr(before, k), getattr(after, k)) for k in ("n", "eps", "norm", "seed")}
