@@ -23,6 +23,7 @@ from torch import fx, nn
 from fxsparse._meta import PREPARE_META
 from fxsparse.calibrate import calibrate
 from fxsparse.capture import capture as capture_model
+from fxsparse.capture import copy_model
 from fxsparse.controls import set_alpha
 from fxsparse.errors import CalibrationError, CaptureError, FxsparseError, NoActivationWarning
 from fxsparse.inputs import Call, as_call, call_record, default_example_inputs, forward_parameters, read_batch
@@ -153,7 +154,7 @@ def record_calls(model: nn.Module, part: nn.Module, run: Callable[[nn.Module], A
 
 def _prepare_part(model: nn.Module, path: str, run: Callable[[nn.Module], Any], select, capture, placement
                   ) -> nn.Module:
-    whole = copy.deepcopy(model).eval()
+    whole = copy_model(model)
     part = _submodule(whole, path)
     part_call, model_call = record_calls(whole, part, run)
     return splice_part(whole, path, part_call, call_record(model_call, model), select, capture, placement)
@@ -205,10 +206,15 @@ def _first_batch(data: Iterable):
     return first, _OnePass(data, first, iterator)
 
 
+TARGET_NAMES = ("labels", "label", "targets", "target")
+
+
 def _call_of_batch(model: nn.Module, batch: Any) -> Call:
-    """Example inputs read off a batch: a dict keyed by forward parameters passes them as keywords."""
+    """Example inputs read off a batch: the keys of a dict batch that name forward parameters, as keywords,
+    except targets ('labels', 'target': Hugging Face models take them to compute a loss, which calibration
+    does not need and the graph would then always require; give example_inputs to capture with them)."""
     if isinstance(batch, Mapping):
-        params = forward_parameters(model) or []
+        params = [p for p in forward_parameters(model) or [] if p not in TARGET_NAMES]
         taken = {k: v for k, v in batch.items() if k in params and isinstance(v, torch.Tensor)}
         if taken:
             return Call((), taken)
@@ -268,7 +274,7 @@ def sparsify(
         gm = _prepare_part(model, submodule, run, select, capture, placement)
     else:
         if call is None:  # the first call of the user's loop, on a copy
-            copied = copy.deepcopy(model).eval()
+            copied = copy_model(model)
             call, _ = record_calls(copied, copied, forward_loop)
         gm = _prepare_graph(model, call, select, capture, placement, stacklevel=3)
     if not meansparse_ops(gm):  # prepare has warned: nothing to calibrate

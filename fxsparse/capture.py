@@ -398,8 +398,19 @@ def capture(
         return _capture(model, call, method, concrete_args)
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode (fxsparse never modifies the user's model), or our error saying why not."""
+    try:
+        return copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise CaptureError(
+            f"fxsparse works on a deep copy of {type(model).__name__} and cannot make one: {_first_line(exc)}. "
+            "A forward run with gradients can leave non-leaf tensors in module attributes (RAFT's correlation "
+            "pyramid): run the model under torch.no_grad(), or rebuild it, before sparsifying") from exc
+
+
 def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_args) -> fx.GraphModule:
-    model = copy.deepcopy(original).eval()
+    model = copy_model(original)
     reasons: Dict[str, str] = {}
     errors: Dict[str, BaseException] = {}
     fx_gm = None
@@ -422,7 +433,7 @@ def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_ar
             reasons["fx"] = f"left {len(opaque)} no-trace module(s) opaque: {', '.join(sorted(opaque)[:3])}"
     if method in ("auto", "export") and call is not None:
         try:  # a fresh copy: tracing can leave proxies in module caches (timm's attention-bias caches)
-            gm = _export(copy.deepcopy(original).eval(), call)
+            gm = _export(copy_model(original), call)
             gm.meta[SHAPES_META] = propagate_shapes(gm, graph_inputs(gm, call))
             return _finish(gm, reasons)
         except Exception as exc:
@@ -464,11 +475,18 @@ class InputGuard:
     model fixed the size). Sizes the model leaves free (batch, and height and width where it allows) pass."""
 
     def __init__(self, gm: fx.GraphModule, example_shapes=None):
-        self.names = _input_names(gm)
+        self.names, self.required = _input_names(gm), _input_names(gm, required=True)
         self.example_shapes = example_shapes
 
     def __call__(self, module, args, kwargs):
         if self.names is not None:
+            given = set(self.names[:len(args)]) | set(kwargs)
+            missing = [n for n in self.required if n not in given]
+            if missing and len(args) <= len(self.names):
+                raise FxsparseError(
+                    f"the captured model needs the inputs {self.required}; {missing} missing: the graph is the "
+                    "program the model ran on the example inputs given to fxsparse.prepare, which included "
+                    f"{missing}. Pass them, or prepare without them to capture the program that does not use them")
             unknown = [k for k in kwargs if k not in self.names]
             if unknown:
                 raise FxsparseError(
@@ -495,14 +513,14 @@ class InputGuard:
         return None
 
 
-def _input_names(gm: fx.GraphModule):
+def _input_names(gm: fx.GraphModule, required: bool = False):
     try:
         params = inspect.signature(gm.forward).parameters.values()
     except (TypeError, ValueError):
         return None
-    if any(p.kind == p.VAR_KEYWORD for p in params):
+    if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
         return None
-    return [p.name for p in params if p.kind != p.VAR_POSITIONAL]
+    return [p.name for p in params if not required or p.default is inspect.Parameter.empty]
 
 
 def _finish(gm: fx.GraphModule, reasons: Dict[str, str]) -> fx.GraphModule:

@@ -13,6 +13,8 @@ A calibration batch is read by one rule (`read_batch`), checked against the call
   - a dict whose keys name inputs of the graph (`{"image1": a, "image2": b}`, `{"pixel_values": x,
     "labels": y}`) passes those keys as keyword arguments; other keys (labels the graph does not take) are
     left out. Without a record of what prepare saw, the keys 'input', 'image', 'pixel_values', 'x' are read.
+    `sparsify` takes its example inputs from the first batch the same way, leaving out targets ('labels',
+    'target'), so that the graph is the inference program.
 """
 from __future__ import annotations
 
@@ -124,7 +126,12 @@ def _tree(value, leaves: List[torch.Tensor]):
         return len(leaves) - 1
     if isinstance(value, (list, tuple)):
         return {"list" if isinstance(value, list) else "tuple": [_tree(v, leaves) for v in value]}
-    return {"dict": {k: _tree(v, leaves) for k, v in value.items()}}
+    if isinstance(value, Mapping):
+        return {"dict": {str(k): _tree(v, leaves) for k, v in value.items()}}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"const": value}  # RAFT's num_flow_updates=12
+    raise FxsparseError(f"example inputs may hold tensors, lists, tuples, dicts and plain numbers, not "
+                        f"{type(value).__name__}")
 
 
 def call_record(call: Call, model: Optional[nn.Module] = None) -> Dict[str, Any]:
@@ -142,6 +149,8 @@ def _untree(node, leaves):
         return [_untree(v, leaves) for v in node["list"]]
     if "tuple" in node:
         return tuple(_untree(v, leaves) for v in node["tuple"])
+    if "const" in node:
+        return node["const"]
     return {k: _untree(v, leaves) for k, v in node["dict"].items()}
 
 

@@ -75,8 +75,8 @@ def _close_names(name: str, library: str):
 
 def _unknown(name: str, library: str = "timm or torchvision") -> FxsparseError:
     close = _close_names(name, library)
-    return FxsparseError(f"unknown {library} model {name!r}" + (f"; closest known names: {', '.join(close)}"
-                                                                 if close else ""))
+    return FxsparseError(f"unknown model {name!r} (not a {library} name)"
+                         + (f"; closest known names: {', '.join(close)}" if close else ""))
 
 
 def resolve(name: str) -> Tuple[str, str]:
