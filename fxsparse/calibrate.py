@@ -141,18 +141,18 @@ def _detach(observers) -> None:
 def _run_loop(gm, loop: ForwardLoop, observers, *, max_batches, start, after_batch) -> int:
     """Run the user's loop once; every call of `gm` is a batch. Calls before `start` (resuming) run with the
     observers detached; the loop is stopped after `max_batches` calls."""
-    state = {"i": 0, "call": None}
+    state = {"i": 0, "call": None, "in_call": False}
 
     def pre(module, args, kwargs):
         i = state["i"]
         if max_batches is not None and i >= max_batches:
             raise _StopLoop()
         (_attach if i >= start else _detach)(observers)
-        state["call"] = Call(tuple(args), dict(kwargs))
+        state["call"], state["in_call"] = Call(tuple(args), dict(kwargs)), True
 
     def post(module, args, kwargs, output):
         i = state["i"]
-        state["i"] = i + 1
+        state["i"], state["in_call"] = i + 1, False
         if i >= start and after_batch is not None:
             after_batch(i + 1, state["call"].leaves())
 
@@ -164,11 +164,11 @@ def _run_loop(gm, loop: ForwardLoop, observers, *, max_batches, start, after_bat
     except _StopLoop:
         pass
     except Exception as exc:
-        if state["call"] is None:
-            raise CalibrationError(("forward_loop raised before calling the model: "
-                                    f"{type(exc).__name__}: {exc}").splitlines()[0]) from exc
         if isinstance(exc, CalibrationError) and "calibration batch" in str(exc):
             raise
+        if not state["in_call"]:  # the user's loop itself failed, between model calls
+            raise CalibrationError((f"forward_loop raised after {state['i']} model call(s){on_rank()}: "
+                                    f"{type(exc).__name__}: {exc}").splitlines()[0][:400]) from exc
         raise _failure(gm, state["call"], state["i"], exc) from exc
     finally:
         for h in handles:

@@ -315,25 +315,34 @@ def quiet():
 
 
 def _dynamic_shapes(model: nn.Module, call: Call, dims: str):
-    """Dim.AUTO on the batch dimension ("batch"), or on batch, height and width of image-like tensors (4-D
-    and 5-D: the last two dims) and the batch of the rest ("spatial"), for every tensor of the call."""
+    """Dim.AUTO on the first dimension ("batch"), and with "spatial" also on the last two of tensors of 3 or
+    more dims (height and width of a batch, or of one image in a detector's list), for every tensor of the
+    call. AUTO lets export specialise a dim where the model needs it (a channel count, position embeddings),
+    so it costs nothing where the model fixes the size."""
     from torch.export import Dim
 
     def spec(t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return None
         auto = {0: Dim.AUTO}
-        if dims == "spatial" and t.dim() >= 4:
+        if dims == "spatial" and t.dim() >= 3:
             auto.update({t.dim() - 2: Dim.AUTO, t.dim() - 1: Dim.AUTO})
         return auto
 
-    args = [fx.node.map_aggregate(a, spec) for a in call.args]
+    def tree(value):  # plain lists, tuples and dicts, the structure export compares with the inputs'
+        if isinstance(value, (list, tuple)):
+            return type(value)(tree(v) for v in value)
+        if isinstance(value, dict):
+            return {k: tree(v) for k, v in value.items()}
+        return spec(value)
+
+    args = [tree(a) for a in call.args]
     if not call.kwargs:
         return tuple(args)
     names = bound_names(model, call)
     if names is None:
         return None
-    return {**dict(zip(names, args)), **{k: fx.node.map_aggregate(v, spec) for k, v in call.kwargs.items()}}
+    return {**dict(zip(names, args)), **{k: tree(v) for k, v in call.kwargs.items()}}
 
 
 def _export(model: nn.Module, call: Call) -> fx.GraphModule:
@@ -344,7 +353,7 @@ def _export(model: nn.Module, call: Call) -> fx.GraphModule:
                                          dynamic_shapes=_dynamic_shapes(model, call, dims))
                 for dims in ("spatial", "batch")]
     attempts.append(lambda: export(model, args, kwargs, strict=False))
-    program, first_error = None, None
+    program, error = None, None
     for warmed in (False, True):
         if warmed:  # modules that cache tensors on their first eval forward (timm's TinyViT attention biases)
             with torch.no_grad():  # fill the cache for real; `model` is capture's own copy
@@ -354,11 +363,11 @@ def _export(model: nn.Module, call: Call) -> fx.GraphModule:
                 program = attempt()
                 break
             except Exception as exc:
-                first_error = first_error or exc
+                error = exc  # the last attempt's (static shapes, after a warm-up run) says the most
         if program is not None:
             break
     if program is None:
-        raise first_error
+        raise error
     unlifted = program.module()
     # a plain GraphModule over the same graph: the exported module refuses .eval()/.train(), which calibration
     # and users call; the graph itself is the eval-mode program whatever the flag says
@@ -448,7 +457,7 @@ def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_ar
     cause = errors.get("export", errors.get("fx"))
     raise CaptureError(
         f"no capture path could turn {type(model).__name__} into a graph ({detail}). If the model branches on "
-        "its data (detectors, RAFT's iterations), sparsify the part that can be captured, e.g. "
+        "its data (a detector: how many boxes survive), sparsify the part that can be captured, e.g. "
         "fxsparse.sparsify(model, data, submodule='backbone'), or compile the whole model with "
         "torch.compile(model, backend=fxsparse.backend(...)), which sparsifies every graph Dynamo captures. "
         "For FX, pass concrete_args for data-dependent arguments or register the failing submodule class with "

@@ -95,7 +95,7 @@ def test_forward_loop_failures_name_the_batch_and_check_finiteness():
     def broken(m):
         raise KeyError("my data")
 
-    with pytest.raises(CalibrationError, match="before calling the model"):
+    with pytest.raises(CalibrationError, match="forward_loop raised after 0 model call"):
         fxsparse.calibrate(gm, forward_loop=broken)
 
 
@@ -291,3 +291,39 @@ def test_keyword_arguments_reach_the_graph_or_are_refused_by_name():
     want_out, want_loss = model(x, labels)
     assert torch.equal(out, want_out) and torch.equal(loss, want_loss)
     fxsparse.calibrate(with_labels, [{"x": x, "labels": labels, "id": 7}])
+
+
+def test_forward_loop_calibration_resumes_from_a_checkpoint(tmp_path):
+    model, pairs = TwoImages().eval(), _pairs(7)
+    reference = fxsparse.calibrate(fxsparse.prepare(model, pairs[0]), forward_loop=lambda m: [m(*p) for p in pairs])
+
+    def interrupted(m):
+        for i, p in enumerate(pairs):
+            if i == 5:
+                raise KeyError("the loader died")
+            m(*p)
+
+    path = tmp_path / "calibration.ckpt"
+    with pytest.raises(CalibrationError, match="after 5 model call"):
+        fxsparse.calibrate(fxsparse.prepare(model, pairs[0]), forward_loop=interrupted, checkpoint=path,
+                           checkpoint_every=2)
+    resumed = fxsparse.prepare(model, pairs[0])
+    fxsparse.calibrate(resumed, forward_loop=lambda m: [m(*p) for p in pairs], checkpoint=path, checkpoint_every=2)
+    for a, b in zip(fxsparse.meansparse_ops(reference).values(), fxsparse.meansparse_ops(resumed).values()):
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std) and torch.equal(a.count, b.count)
+        assert torch.equal(a.zscore_counts, b.zscore_counts)
+
+
+class ListExported(ListOfImages):
+    def forward(self, images):
+        if images[0].shape[-1] > 1:  # FX cannot index a Proxy list's shape; export takes lists
+            return torch.cat([self.act(self.conv(i[None])) for i in images])
+        return images[0]
+
+
+def test_list_inputs_are_exported_with_dynamic_sizes():
+    model = ListExported().eval()
+    gm = fxsparse.prepare(model, ([torch.rand(3, 8, 8), torch.rand(3, 8, 8)],))
+    assert gm.meta["fxsparse_capture"].path == "export"
+    other = [torch.rand(3, 10, 12), torch.rand(3, 10, 12)]
+    assert torch.equal(gm(other), model(other))
