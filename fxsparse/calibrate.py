@@ -32,26 +32,31 @@ from fxsparse.checkpoint import CalibrationCheckpoint
 from fxsparse.diagnose import describe_tensors, failing_node
 from fxsparse.distributed import (check_same_across_ranks, failing_together, merge_stats_across_ranks, on_rank,
                                   sum_across_ranks, sum_counters_across_ranks)
-from fxsparse.errors import CalibrationError, NoActivationWarning
+from fxsparse.errors import CalibrationError, FxsparseTypeError, NoActivationWarning
+from fxsparse.inputs import Call, find_record, read_batch
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter
 
 
 
 def batch_inputs(batch: Any) -> Tuple[torch.Tensor, ...]:
-    """The model inputs of one batch: a tensor, or the first element of an (input, target) pair."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
-    if isinstance(batch, dict):
-        for key in ("input", "inputs", "image", "images", "pixel_values", "x"):
-            if isinstance(batch.get(key), torch.Tensor):
-                return (batch[key],)
-    hint = " (convert arrays with torch.from_numpy)" if type(batch).__module__.startswith("numpy") else ""
-    raise CalibrationError(
-        f"cannot read model inputs from a calibration batch of type {type(batch).__name__}{hint}; give tensors, "
-        "(input, target) pairs, or dicts with an 'input' or 'image' tensor")
+    """The positional inputs of one batch read without a model's record (fxsparse.inputs.read_batch)."""
+    return read_batch(batch).args
+
+
+class ForwardLoop:
+    """Calibration data given as a function: `fn(model)` runs the model on the user's own batches (any
+    number of inputs, keywords, lists), as NVIDIA ModelOpt's `forward_loop`. Each call of the model counts
+    as one batch."""
+
+    def __init__(self, fn: Callable[[nn.Module], Any]):
+        if not callable(fn):
+            raise FxsparseTypeError(f"forward_loop must be a function fn(model), got {type(fn).__name__}")
+        self.fn = fn
+
+
+class _StopLoop(Exception):
+    """Raised from the model's pre-hook once max_batches calls have run: ends the user's loop early."""
 
 
 def _progress(iterable: Iterable, total: Optional[int], desc: str, enabled: Optional[bool]) -> Iterator:
@@ -94,7 +99,7 @@ class _SiteObserver:
 
 
 def _prepared_inputs(gm: nn.Module) -> str:
-    record = getattr(gm, "meta", {}).get(PREPARE_META) if isinstance(gm, fx.GraphModule) else None
+    record = find_record(gm)
     if not record:
         return ""
     shapes = ", ".join(f"{tuple(s)} {d.replace('torch.', '')}"
@@ -102,30 +107,85 @@ def _prepared_inputs(gm: nn.Module) -> str:
     return f"; fxsparse.prepare saw inputs [{shapes}]"
 
 
-def _forward(gm: nn.Module, inputs: Tuple[torch.Tensor, ...], i: int) -> None:
+def _failure(gm: nn.Module, call: Call, i: int, exc: Exception) -> CalibrationError:
+    """The error for a batch the model refused: names the batch, the rank and the layer or site."""
+    if isinstance(exc, CalibrationError):  # raised by a site observer
+        return CalibrationError(f"calibration batch {i}{on_rank()}: {exc}; calibrate on inputs like the ones "
+                                f"given to fxsparse.prepare{_prepared_inputs(gm)}")
+    where = failing_node(gm, call.args) if not call.kwargs else None
+    first = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+    return CalibrationError(
+        f"calibration batch {i}{on_rank()} (inputs [{call.describe()}]) failed in the model: "
+        + (where or first)
+        + f"{_prepared_inputs(gm)}. Check that the batches have the shape, dtype and layout the model expects")
+
+
+def _forward(gm: nn.Module, call: Call, i: int) -> None:
     """Run one batch; a failure names the batch, the rank and the layer or site that refused it."""
     try:
-        gm(*inputs)
-    except CalibrationError as exc:  # raised by a site observer
-        raise CalibrationError(f"calibration batch {i}{on_rank()}: {exc}; calibrate on inputs like the ones "
-                               f"given to fxsparse.prepare{_prepared_inputs(gm)}") from exc
+        gm(*call.args, **call.kwargs)
     except Exception as exc:
-        where = failing_node(gm, inputs)
-        first = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-        raise CalibrationError(
-            f"calibration batch {i}{on_rank()} (inputs [{describe_tensors(inputs)}]) failed in the model: "
-            + (where or first)
-            + f"{_prepared_inputs(gm)}. Check that the batches have the shape, dtype and layout the model expects"
-        ) from exc
+        raise _failure(gm, call, i, exc) from exc
+
+
+def _attach(observers: Dict[MeanSparse, Any]) -> None:
+    for op, obs in observers.items():
+        op.observer = _SiteObserver(op, obs.update)
+
+
+def _detach(observers) -> None:
+    for op in observers:
+        op.observer = None
+
+
+def _run_loop(gm, loop: ForwardLoop, observers, *, max_batches, start, after_batch) -> int:
+    """Run the user's loop once; every call of `gm` is a batch. Calls before `start` (resuming) run with the
+    observers detached; the loop is stopped after `max_batches` calls."""
+    state = {"i": 0, "call": None, "in_call": False}
+
+    def pre(module, args, kwargs):
+        i = state["i"]
+        if max_batches is not None and i >= max_batches:
+            raise _StopLoop()
+        (_attach if i >= start else _detach)(observers)
+        state["call"], state["in_call"] = Call(tuple(args), dict(kwargs)), True
+
+    def post(module, args, kwargs, output):
+        i = state["i"]
+        state["i"], state["in_call"] = i + 1, False
+        if i >= start and after_batch is not None:
+            after_batch(i + 1, state["call"].leaves())
+
+    handles = [gm.register_forward_pre_hook(pre, with_kwargs=True),
+               gm.register_forward_hook(post, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            loop.fn(gm)
+    except _StopLoop:
+        pass
+    except Exception as exc:
+        if isinstance(exc, CalibrationError) and "calibration batch" in str(exc):
+            raise
+        if not state["in_call"]:  # the user's loop itself failed, between model calls
+            raise CalibrationError((f"forward_loop raised after {state['i']} model call(s){on_rank()}: "
+                                    f"{type(exc).__name__}: {exc}").splitlines()[0][:400]) from exc
+        raise _failure(gm, state["call"], state["i"], exc) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        _detach(observers)
+    return state["i"]
 
 
 def _run_pass(gm, data, observers: Dict[MeanSparse, Any], *, max_batches, progress, desc, start=0,
               after_batch=None) -> int:
-    """Feed the batches of `data` from index `start` on through `gm` with `observers` attached; returns the
-    number of batches done (skipped ones included)."""
+    """Feed the batches of `data` (an iterable, or a ForwardLoop) from index `start` on through `gm` with
+    `observers` attached; returns the number of batches done (skipped ones included)."""
+    if isinstance(data, ForwardLoop):
+        return _run_loop(gm, data, observers, max_batches=max_batches, start=start, after_batch=after_batch)
     device = _device(gm)
-    for op, obs in observers.items():
-        op.observer = _SiteObserver(op, obs.update)
+    record = find_record(gm)
+    _attach(observers)
     done = start
     try:
         with torch.no_grad():
@@ -134,16 +194,15 @@ def _run_pass(gm, data, observers: Dict[MeanSparse, Any], *, max_batches, progre
                     break
                 if i < start:  # resuming: this batch is already in the statistics
                     continue
-                inputs = batch_inputs(batch)
+                call = read_batch(batch, record)
                 if device is not None:
-                    inputs = tuple(t.to(device) for t in inputs)
-                _forward(gm, inputs, i)
+                    call = call.to(device)
+                _forward(gm, call, i)
                 done = i + 1
                 if after_batch is not None:
-                    after_batch(done, inputs)
+                    after_batch(done, call.leaves())
     finally:
-        for op in observers:
-            op.observer = None
+        _detach(observers)
     return done
 
 
@@ -213,9 +272,10 @@ def _measure_pass(gm, data, stats, counters, start: int, saver, passes) -> None:
 
 
 def calibrate(
-    gm: fx.GraphModule,
-    data: Iterable,
+    gm: nn.Module,
+    data: Optional[Iterable] = None,
     *,
+    forward_loop: Optional[Callable[[nn.Module], Any]] = None,
     max_batches: Optional[int] = None,
     progress: Optional[bool] = None,
     measure: bool = True,
@@ -226,8 +286,12 @@ def calibrate(
     """Set every MeanSparse's `mean` and `std` from `data`; returns `gm`.
 
     Args:
-        data: a DataLoader or any iterable of input tensors, (input, target) pairs or dicts. Under
-            torch.distributed, each rank's own shard (e.g. through a DistributedSampler).
+        data: a DataLoader or any iterable of input tensors, (input, target) pairs or dicts keyed by the
+            model's input names (fxsparse.inputs.read_batch states the rule). Under torch.distributed, each
+            rank's own shard (e.g. through a DistributedSampler).
+        forward_loop: instead of `data`, a function `fn(model)` that calls the model on the user's batches
+            (several inputs, keywords, lists of images: anything the model takes). Every call is a batch;
+            the loop runs under no_grad with the model in eval mode, once per pass (twice with `measure`).
         max_batches: stop after this many batches (per rank).
         progress: show a tqdm bar (default: when stderr is a terminal).
         measure: run a second pass recording replaced fractions for the audit (skipped for one-shot
@@ -242,6 +306,11 @@ def calibrate(
     A model prepared without any selected activation has no operators: calibrate warns
     (NoActivationWarning) and returns it unchanged.
     """
+    if (data is None) == (forward_loop is None):
+        raise CalibrationError("give calibration data or forward_loop=fn (fn(model) runs the model on your "
+                               "batches), not " + ("both" if data is not None else "neither"))
+    if forward_loop is not None:
+        data = ForwardLoop(forward_loop)
     ops = meansparse_ops(gm)
     if not ops:
         return _no_operators(gm)

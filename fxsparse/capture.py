@@ -21,16 +21,20 @@ import copy
 import dataclasses
 import functools
 import inspect
+import io
 import logging
 import operator
+import os
 import sys
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
 from fxsparse._meta import ACTIVATION_MODULE_META, CAPTURE_META, PATH_META, SHAPES_META
-from fxsparse.errors import CaptureError
+from fxsparse.errors import CaptureError, FxsparseValueError
+from fxsparse.inputs import Call, as_call, bound_names
 from fxsparse.passes.kinds import activation_module_classes, python_activation_functions
 from fxsparse.passes.shapes import propagate_shapes
 
@@ -206,20 +210,40 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return (text[0] if text else type(exc).__name__)[:limit]
 
 
-def _defaults_beyond(model: nn.Module, n_inputs: int) -> Dict[str, Any]:
+def _unbound_defaults(model: nn.Module, call: Call) -> Dict[str, Any]:
     """Forward parameters the example call leaves at their defaults (`mask=None`), bound as concrete values so
-    that the graph is the program `model(*inputs)` runs, not one with a placeholder for every argument."""
+    that the graph is the program `model(*args, **kwargs)` runs, not one with a placeholder for every argument."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
-    out = {}
-    for p in params[n_inputs:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if p.default is not inspect.Parameter.empty:
-            out[p.name] = p.default
-    return out
+    given = set(call.kwargs)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    given.update(p.name for p in positional[:len(call.args)])
+    return {p.name: p.default for p in params if p.name not in given
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is not inspect.Parameter.empty}
+
+
+def graph_inputs(gm: fx.GraphModule, call: Call) -> list:
+    """The values of `gm`'s placeholders, in order, for `call` (what `gm(*call.args, **call.kwargs)` binds):
+    through the input spec of an exported graph, by parameter name for an FX graph."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is not None:
+        from torch.fx._pytree import tree_flatten_spec
+
+        return list(tree_flatten_spec((list(call.args), dict(call.kwargs)), spec))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values, args = [], list(call.args)
+    for node in placeholders:
+        if args:
+            values.append(args.pop(0))
+        elif node.target in call.kwargs:
+            values.append(call.kwargs[node.target])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise FxsparseValueError(f"example inputs give no value for the model input {node.target!r}")
+    return values
 
 
 def capture_fx(model: nn.Module, concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
@@ -254,133 +278,267 @@ def _mark_export_paths(gm: fx.GraphModule, model: nn.Module) -> None:
                 node.meta[ACTIVATION_MODULE_META] = True
 
 
-def capture_export(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """`torch.export.export(strict=False)`, batch dimension dynamic where the model allows it."""
-    from torch.export import Dim, export
+def capture_export(model: nn.Module, example_inputs) -> fx.GraphModule:
+    """`torch.export.export(strict=False)`: batch, height and width dynamic where the model allows them."""
+    return _export(model, as_call(example_inputs))
 
-    with _quiet(("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")):
-        return _export(model, example_inputs)
+
+_NOISY_LOGGERS = ("torch", "torch.fx", "torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export",
+                  "torch._dynamo", "torch._subclasses", "torch._functorch", "torch._guards")
+
+
+def debugging() -> bool:
+    """FXSPARSE_DEBUG=1: let torch's own logs, prints and warnings through during capture."""
+    return os.environ.get("FXSPARSE_DEBUG", "").strip() not in ("", "0", "false", "no")
 
 
 @contextlib.contextmanager
-def _quiet(names):
-    """Export attempts that fail (and fall back) log pages of guards and graphs; keep them to errors."""
-    loggers = [logging.getLogger(n) for n in names]
+def quiet():
+    """Capture attempts that fail (and fall back) print tracebacks (ShapeProp), log guards and dump graphs
+    (export): keep all of it out of the user's terminal; the buffer holds what was printed. Our own error says
+    what went wrong (its __cause__ has torch's); FXSPARSE_DEBUG=1 shows everything."""
+    buffer = io.StringIO()
+    if debugging():
+        yield buffer
+        return
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL + 1)
     try:
-        yield
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield buffer
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
 
-def _export(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    from torch.export import Dim, export
+def _dynamic_shapes(model: nn.Module, call: Call, dims: str):
+    """Dim.AUTO on the first dimension ("batch"), and with "spatial" also on the last two of tensors of 3 or
+    more dims (height and width of a batch, or of one image in a detector's list), for every tensor of the
+    call. AUTO lets export specialise a dim where the model needs it (a channel count, position embeddings),
+    so it costs nothing where the model fixes the size."""
+    from torch.export import Dim
 
-    args = tuple(example_inputs)
-    dynamic = tuple({0: Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in args)
-    attempts = [lambda: export(model, args, strict=False, dynamic_shapes=dynamic),
-                lambda: export(model, args, strict=False)]
-    program, first_error = None, None
+    def spec(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        auto = {0: Dim.AUTO}
+        if dims == "spatial" and t.dim() >= 3:
+            auto.update({t.dim() - 2: Dim.AUTO, t.dim() - 1: Dim.AUTO})
+        return auto
+
+    def tree(value):  # plain lists, tuples and dicts, the structure export compares with the inputs'
+        if isinstance(value, (list, tuple)):
+            return type(value)(tree(v) for v in value)
+        if isinstance(value, dict):
+            return {k: tree(v) for k, v in value.items()}
+        return spec(value)
+
+    args = [tree(a) for a in call.args]
+    if not call.kwargs:
+        return tuple(args)
+    names = bound_names(model, call)
+    if names is None:
+        return None
+    return {**dict(zip(names, args)), **{k: tree(v) for k, v in call.kwargs.items()}}
+
+
+def _export(model: nn.Module, call: Call) -> fx.GraphModule:
+    from torch.export import export
+
+    args, kwargs = tuple(call.args), dict(call.kwargs)
+    attempts = [lambda dims=dims: export(model, args, kwargs, strict=False,
+                                         dynamic_shapes=_dynamic_shapes(model, call, dims))
+                for dims in ("spatial", "batch")]
+    attempts.append(lambda: export(model, args, kwargs, strict=False))
+    program, error = None, None
     for warmed in (False, True):
         if warmed:  # modules that cache tensors on their first eval forward (timm's TinyViT attention biases)
             with torch.no_grad():  # fill the cache for real; `model` is capture's own copy
-                model(*args)
+                model(*args, **kwargs)
         for attempt in attempts:
             try:
                 program = attempt()
                 break
             except Exception as exc:
-                first_error = first_error or exc
+                error = exc  # the last attempt's (static shapes, after a warm-up run) says the most
         if program is not None:
             break
     if program is None:
-        raise first_error
+        raise error
     unlifted = program.module()
     # a plain GraphModule over the same graph: the exported module refuses .eval()/.train(), which calibration
     # and users call; the graph itself is the eval-mode program whatever the flag says
     gm = fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)
     _mark_export_paths(gm, model)
     gm.meta[CAPTURE_META] = CaptureReport(path="export")
+    gm.register_forward_pre_hook(InputGuard(gm, [tuple(t.shape) for t in call.leaves()]), with_kwargs=True)
     return gm
 
 
 def capture(
     model: nn.Module,
-    example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
+    example_inputs=None,
     method: str = "auto",
     concrete_args: Optional[Dict[str, Any]] = None,
 ) -> fx.GraphModule:
     """An eval-mode GraphModule of a deep copy of `model`; `gm.meta[CAPTURE_META]` says how and why.
 
+    example_inputs: a tensor, the tuple of positional arguments (as torch.export takes them), or a dict of
+    keyword tensors (fxsparse/inputs.py).
     method: "fx" (symbolic tracing), "export" (`torch.export`, needs example inputs), or "auto": FX when it
     captures the model with every activation visible; `torch.export` when FX fails or leaves no-trace modules
     opaque; FX with operators inside the opaque modules when export fails too.
 
     With `example_inputs`, the graph is checked by running it on them (fake tensors: no compute) and every
     node's shape is recorded for the splice pass (passes/shapes.py); a graph that does not run counts as a
-    failed capture.
+    failed capture. What torch prints or logs on the way (a failed attempt's traceback, export's guards) is
+    kept out of the terminal (FXSPARSE_DEBUG=1 lets it through); a failure raises one CaptureError whose
+    __cause__ is torch's error.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
     if method not in CAPTURE_METHODS:
         raise CaptureError(f"capture method must be one of {CAPTURE_METHODS}, got {method!r}")
-    original = model
-    model = copy.deepcopy(original).eval()
+    call = as_call(example_inputs) if example_inputs is not None else None
+    with quiet():
+        return _capture(model, call, method, concrete_args)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode (fxsparse never modifies the user's model), or our error saying why not."""
+    try:
+        return copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise CaptureError(
+            f"fxsparse works on a deep copy of {type(model).__name__} and cannot make one: {_first_line(exc)}. "
+            "A forward run with gradients can leave non-leaf tensors in module attributes (RAFT's correlation "
+            "pyramid): run the model under torch.no_grad(), or rebuild it, before sparsifying") from exc
+
+
+def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_args) -> fx.GraphModule:
+    model = copy_model(original)
     reasons: Dict[str, str] = {}
+    errors: Dict[str, BaseException] = {}
     fx_gm = None
     if method in ("auto", "fx"):
-        if concrete_args is None and example_inputs is not None:
-            concrete_args = _defaults_beyond(model, len(example_inputs)) or None
+        if concrete_args is None and call is not None:
+            concrete_args = _unbound_defaults(model, call) or None
         try:
             fx_gm = capture_fx(model, concrete_args)
-            if example_inputs is not None:
-                fx_gm.meta[SHAPES_META] = propagate_shapes(fx_gm, example_inputs)
+            if call is not None:
+                fx_gm.meta[SHAPES_META] = propagate_shapes(fx_gm, graph_inputs(fx_gm, call))
         except Exception as exc:
-            reasons["fx"] = _first_line(exc)
+            reasons["fx"], errors["fx"] = _first_line(exc), exc
             fx_gm = None
             if method == "fx":
                 raise CaptureError(f"FX capture of {type(model).__name__} failed: {reasons['fx']}") from exc
         else:
             opaque = fx_gm.meta[CAPTURE_META].opaque_leaves
-            if method == "fx" or not opaque or example_inputs is None:
+            if method == "fx" or not opaque or call is None:
                 return _finish(fx_gm, reasons)
             reasons["fx"] = f"left {len(opaque)} no-trace module(s) opaque: {', '.join(sorted(opaque)[:3])}"
-    if method in ("auto", "export") and example_inputs is not None:
+    if method in ("auto", "export") and call is not None:
         try:  # a fresh copy: tracing can leave proxies in module caches (timm's attention-bias caches)
-            gm = capture_export(copy.deepcopy(original).eval(), example_inputs)
-            gm.meta[SHAPES_META] = propagate_shapes(gm, example_inputs)
+            gm = _export(copy_model(original), call)
+            gm.meta[SHAPES_META] = propagate_shapes(gm, graph_inputs(gm, call))
             return _finish(gm, reasons)
         except Exception as exc:
-            reasons["export"] = _first_line(exc)
+            reasons["export"], errors["export"] = _first_line(exc), exc
     elif method in ("auto", "export"):
         reasons["export"] = "no example inputs to export with"
     if fx_gm is not None:  # export failed where FX only left modules opaque: operators go inside them
         return _finish(fx_gm, reasons)
-    if example_inputs is not None:
-        _check_model_runs(original, example_inputs)
+    if call is not None:
+        _check_model_runs(original, call)
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    cause = errors.get("export", errors.get("fx"))
     raise CaptureError(
-        f"no capture path could turn {type(model).__name__} into a graph ({detail}). For FX, pass concrete_args "
-        "for data-dependent arguments or register the failing submodule class with "
-        "timm.layers.register_notrace_module; for torch.export, pass example_inputs the model accepts.")
+        f"no capture path could turn {type(model).__name__} into a graph ({detail}). If the model branches on "
+        "its data (a detector: how many boxes survive), sparsify the part that can be captured, e.g. "
+        "fxsparse.sparsify(model, data, submodule='backbone'), or compile the whole model with "
+        "torch.compile(model, backend=fxsparse.backend(...)), which sparsifies every graph Dynamo captures. "
+        "For FX, pass concrete_args for data-dependent arguments or register the failing submodule class with "
+        "timm.layers.register_notrace_module; for torch.export, pass example_inputs the model accepts. "
+        "Set FXSPARSE_DEBUG=1 to see torch's own messages.") from cause
 
 
-def _check_model_runs(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> None:
+def _check_model_runs(model: nn.Module, call: Call) -> None:
     """When every path failed: is it the inputs? Run a copy of the model on them and say so if it refuses."""
     try:
         with torch.no_grad():
-            copy.deepcopy(model).eval()(*example_inputs)
+            copy.deepcopy(model).eval()(*call.args, **call.kwargs)
     except Exception as exc:
-        shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+        shapes = [tuple(t.shape) for t in call.leaves()]
         raise CaptureError(
             f"{type(model).__name__} itself fails on example inputs of shapes {shapes}: {_first_line(exc)}. "
             "Pass example_inputs the model accepts (for timm models, the size in model.pretrained_cfg).") from exc
 
 
+class InputGuard:
+    """A forward pre-hook on a captured graph: inputs the graph cannot take are refused with our error, not
+    torch's: a keyword the graph has no input for, or (exported graphs) a size that fails the conditions
+    torch.export recorded (`_guards_fn`: "4 * H * W == 256" for a flatten into a Linear, "H == 224" where the
+    model fixed the size). Sizes the model leaves free (batch, and height and width where it allows) pass."""
+
+    def __init__(self, gm: fx.GraphModule, example_shapes=None):
+        self.names, self.required = _input_names(gm), _input_names(gm, required=True)
+        self.example_shapes = example_shapes
+
+    def __call__(self, module, args, kwargs):
+        if self.names is not None:
+            given = set(self.names[:len(args)]) | set(kwargs)
+            missing = [n for n in self.required if n not in given]
+            if missing and len(args) <= len(self.names):
+                raise FxsparseValueError(
+                    f"the captured model needs the inputs {self.required}; {missing} missing: the graph is the "
+                    "program the model ran on the example inputs given to fxsparse.prepare, which included "
+                    f"{missing}. Pass them, or prepare without them to capture the program that does not use them")
+            unknown = [k for k in kwargs if k not in self.names]
+            if unknown:
+                raise FxsparseValueError(
+                    f"the captured model takes the inputs {self.names}, not {unknown}: the graph is the program "
+                    f"the model ran on the example inputs given to fxsparse.prepare, which did not include "
+                    f"{unknown}. Give them in example_inputs (a dict of keyword tensors) to capture the program "
+                    "that uses them, or compute what needs them outside (a loss from the logits)")
+        guards = getattr(module, "_guards_fn", None)
+        if guards is None:
+            return None
+        try:
+            values = graph_inputs(module, Call(tuple(args), dict(kwargs)))
+        except Exception:
+            return None  # the graph's own input check gives torch's error
+        try:
+            guards(*values)
+        except AssertionError as exc:
+            shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
+            raise FxsparseValueError(
+                f"inputs of shape(s) {shapes} fail a condition torch.export recorded when it captured the model "
+                f"on {self.example_shapes}: {str(exc).replace('Guard failed: ', '')}. The model fixes these sizes "
+                "(a flatten into a Linear, position embeddings of one size); prepare the model with example "
+                "inputs of the size you will use") from exc
+        return None
+
+
+def _input_names(gm: fx.GraphModule, required: bool = False):
+    try:
+        params = inspect.signature(gm.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
+        return None
+    return [p.name for p in params if not required or p.default is inspect.Parameter.empty]
+
+
 def _finish(gm: fx.GraphModule, reasons: Dict[str, str]) -> fx.GraphModule:
     gm.eval()
     gm.meta[CAPTURE_META].reasons = dict(reasons)
+    _guard(gm)
     return gm
+
+
+def _guard(gm: fx.GraphModule) -> None:
+    if not any(isinstance(h, InputGuard) for h in gm._forward_pre_hooks.values()):
+        gm.register_forward_pre_hook(InputGuard(gm), with_kwargs=True)

@@ -18,9 +18,9 @@ from torch import fx, nn
 
 from fxsparse._meta import CAPTURE_META, PREPARE_META
 from fxsparse._version import __version__
-from fxsparse.api import prepare
+from fxsparse.api import prepare, splice_part
 from fxsparse.errors import FxsparseTypeError, NoActivationWarning, PersistenceError
-from fxsparse.inputs import _state_tensor
+from fxsparse.inputs import _state_tensor, call_from_record, find_record
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.passes.locate import Selection
 from fxsparse.safefile import read, write
@@ -47,6 +47,7 @@ def _site(op: MeanSparse) -> Dict[str, Any]:
 def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
     """Write the MeanSparse state of `gm` (from fxsparse.prepare or sparsify) to `path`."""
     gm = getattr(gm, "_orig_mod", gm)  # torch.compile's wrapper: save the module it compiles
+    gm = _sparsified_part(gm)
     record = gm.meta.get(PREPARE_META) if isinstance(gm, fx.GraphModule) else None
     if record is None:
         raise PersistenceError(f"fxsparse.save takes the GraphModule returned by fxsparse.prepare or sparsify, "
@@ -66,6 +67,14 @@ def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
         "sites": [_site(op) for op in meansparse_ops(gm).values()],
     }
     write(path, tensors, header)
+
+
+def _sparsified_part(model: nn.Module) -> nn.Module:
+    """The GraphModule fxsparse made: the model itself, or the part `prepare(..., submodule=)` replaced."""
+    if isinstance(model, fx.GraphModule) and PREPARE_META in model.meta:
+        return model
+    parts = [m for m in model.modules() if isinstance(m, fx.GraphModule) and m.meta.get(PREPARE_META, {}).get("submodule")]
+    return parts[0] if len(parts) == 1 else model
 
 
 def _example_inputs(model: nn.Module, record: Mapping[str, Any], path: str) -> List[torch.Tensor]:
@@ -140,7 +149,14 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
         if saved_sites:  # a model without sites gets the mismatch error below, not a warning as well
             warnings.simplefilter("ignore", NoActivationWarning)
         placement = {"placement": record["placement"]} if record.get("placement") else {}
-        gm = prepare(model, inputs, selection, capture=header.get("capture_path") or "auto", **placement)
+        call = call_from_record(record, inputs)
+        if record.get("submodule"):  # a part of the model: the part's recorded inputs, spliced into a copy
+            import copy
+
+            gm = splice_part(copy.deepcopy(model).eval(), record["submodule"], call, record["model_inputs"],
+                             selection, header.get("capture_path") or "auto", placement.get("placement"))
+        else:
+            gm = prepare(model, call, selection, capture=header.get("capture_path") or "auto", **placement)
     ops = meansparse_ops(gm)
     differences = _differences(saved_sites, ops)
     if differences:

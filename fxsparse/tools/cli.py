@@ -17,15 +17,12 @@ def _cmd_demo(args) -> int:
 
 def _cmd_audit(args) -> int:
     import fxsparse
-    from fxsparse.inputs import default_input_shape
-    from fxsparse.tools.zoo import load_model
+    from fxsparse.tools.zoo import audit_inputs, load_model
 
     device = "cpu" if args.calibrate else "meta"
     model, note = load_model(args.model, pretrained=args.pretrained, device=device)
-    shape = tuple(args.input_size) if args.input_size else default_input_shape(model)
-    param = next(iter(model.parameters()), None)
-    dev = param.device if param is not None else torch.device("cpu")
-    example = torch.randn(2, *shape, device=dev)
+    example, submodule = audit_inputs(args.model, model, tuple(args.input_size) if args.input_size else None)
+    submodule = args.submodule or submodule
     select = {}
     if args.kinds:
         select["kinds"] = args.kinds
@@ -33,20 +30,30 @@ def _cmd_audit(args) -> int:
         select["include"] = args.include
     if args.exclude:
         select["exclude"] = args.exclude
-    gm = fxsparse.prepare(model, example, select=select or None)
+    gm = fxsparse.prepare(model, example, select=select or None, submodule=submodule)
     if args.calibrate:
         gen = torch.Generator().manual_seed(0)
-        noise = [torch.randn(args.batch, *shape, generator=gen) for _ in range(args.calibrate)]
-        fxsparse.calibrate(gm, noise)
+
+        def noise():  # the example inputs' structure, with fresh Gaussian noise in each tensor
+            return torch.utils._pytree.tree_map(
+                lambda t: torch.randn(args.batch, *t.shape[1:], generator=gen) if t.dim() >= 4
+                else torch.randn(t.shape, generator=gen), example)
+
+        batches = [noise() for _ in range(args.calibrate)]
+        fxsparse.calibrate(gm, forward_loop=lambda m: [m(*b) for b in batches])
         fxsparse.set_alpha(gm, args.alpha)
         note += f"; calibrated on {args.calibrate} batches of Gaussian noise (illustration only), alpha={args.alpha}"
     elif device == "meta":
         note += "; built on the meta device (structure only: use --calibrate N for statistics)"
+    if submodule:
+        note += f"; submodule {submodule!r} sparsified inside the whole model"
     report = fxsparse.audit(gm)
     if args.format == "json":
         print(report.to_json())
     else:
-        print(f"# fxsparse audit: {args.model}\n\n{note}; input {tuple(example.shape)}\n")
+        from fxsparse.diagnose import describe_tensors
+
+        print(f"# fxsparse audit: {args.model}\n\n{note}; input [{describe_tensors(example)}]\n")
         print(report.to_markdown())
     return 0
 
@@ -239,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--kinds", nargs="+", help="activation kinds to select (default: every default kind)")
     audit.add_argument("--include", nargs="+", help="site-name globs to include")
     audit.add_argument("--exclude", nargs="+", help="site-name globs to exclude")
+    audit.add_argument("--submodule", help="sparsify only this part, e.g. backbone (default for torchvision "
+                       "detectors)")
     audit.add_argument("--pretrained", choices=("auto", "never"), default="auto",
                        help="auto: use weights already in the local cache, never download (default)")
     audit.add_argument("--calibrate", type=int, default=0, metavar="N",
