@@ -247,6 +247,7 @@ class MeanSparse(nn.Module):
     # that operators pickled before these existed still load.
     private_input: bool = False
     producer_hooks: Tuple[dict, ...] = ()
+    zscore_estimated: bool = False  # the replaced-fraction histogram is a one-pass estimate (calibrate)
 
     def __init__(self, channels: int, dim: int = 1, *, inplace: bool = False):
         super().__init__()
