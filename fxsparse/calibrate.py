@@ -198,17 +198,26 @@ class _Recorder:
         self.sketch.update(x, self.stats.last_batch)
 
 
-def _statistics_pass(gm, data, stats, start: int, saver, passes, sketches=None) -> None:
+def _statistics_pass(gm, data, stats, start: int, saver, passes, sketches=None, compile=False) -> None:
     """Per-channel moments on this rank (and, with `sketches`, the one-pass histograms), merged across ranks,
-    written into the operators."""
+    written into the operators. With `compile`, one torch.compile'd program computes them
+    (fxsparse/calibrate_compiled.py)."""
     def after_batch(n: int, inputs) -> None:
         _check_finite(stats, n - 1, inputs)
         if saver is not None:
             saver.after_batch("statistics", n, stats, sketches=sketches)
 
     observers = stats if sketches is None else {op: _Recorder(stats[op], sketches[op]) for op in stats}
+    runner = gm
+    if compile:
+        from fxsparse.calibrate_compiled import compiled_statistics
+
+        compiled = compiled_statistics(gm, stats, sketches)
+        if compiled is not None:
+            runner, observers = compiled, {}
     with failing_together():
-        batches = _run_pass(gm, data, observers, desc="calibrate", start=start, after_batch=after_batch, **passes)
+        batches = _run_pass(runner, data, observers, desc="calibrate", start=start, after_batch=after_batch,
+                            **passes)
     merge_stats_across_ranks(stats, {op: op.channels for op in stats})
     if sum_across_ranks(batches) == 0:
         raise CalibrationError("calibration data is empty: give at least one batch")
@@ -249,6 +258,7 @@ def calibrate(
     checkpoint: Union[str, "os.PathLike[str]", None] = None,
     checkpoint_every: int = 100,
     exact: bool = False,
+    compile: bool = False,
 ) -> fx.GraphModule:
     """Set every MeanSparse's `mean` and `std` from `data`; returns `gm`.
 
@@ -267,6 +277,9 @@ def calibrate(
             in the activation's own dtype (a sum, then the sum of squared deviations from the batch mean; ATen's
             batch-norm statistics for short rows) and merges batches in float64: error within 1e-6 x
             (std + |mean|).
+        compile: run the statistics pass as one torch.compile'd program whose reductions Inductor fuses into
+            the forward's kernels (compiles on the first batch; statistics equal the eager pass's to float
+            rounding). Models with operators inside opaque modules take the eager pass, with a warning.
 
     A model prepared without any selected activation has no operators: calibrate warns
     (NoActivationWarning) and returns it unchanged.
@@ -292,7 +305,7 @@ def calibrate(
     gm.eval()
     try:
         if phase == "statistics":
-            _statistics_pass(gm, data, stats, done, saver, passes, sketches)
+            _statistics_pass(gm, data, stats, done, saver, passes, sketches, compile)
             done = 0
             if saver is not None and exact_measure:
                 saver.save("measure", 0, stats, counters)

@@ -91,8 +91,12 @@ class ChannelStats:
 
     def update(self, x: torch.Tensor) -> None:
         parts = self.batch_mean_var(x, self.dim, self.exact)
-        if parts is None:
-            return
+        if parts is not None:
+            self.add_moments(*parts)
+
+    def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Add one batch given as its moments (n elements per channel, their mean and population variance)."""
+        parts = (n, mean, var)
         channels = parts[1].numel()
         if self._channels is not None and channels != self._channels:
             raise CalibrationError(f"channel count changed between batches ({self._channels} then {channels})")
@@ -242,24 +246,38 @@ class ZScoreSketch:
 
     def update(self, x: torch.Tensor, batch_moments=None) -> None:
         """Add a sample of `x` (the grid comes from `batch_moments`, (mean, var) of x's batch, if unset)."""
-        if self.counts is None:
-            if batch_moments is None:
-                return
-            self.fix_grid(*batch_moments)
+        if self.counts is None and batch_moments is None:
+            return
+        self.add_sample(self.take_sample(x, self.op.dim), batch_moments)
+
+    @classmethod
+    def take_sample(cls, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """A view of at most SAMPLE elements of `x` as (rows, C, inner): evenly spaced rows of its
+        (outer, C, inner) view, then evenly spaced columns if one row is still too long. Shapes only."""
         from fxsparse.ops import _as_3d
 
         x = x.detach()
-        d = self.op.dim % x.dim()
+        d = dim % x.dim()
         x3 = _as_3d(x, d)
         if x3 is None:
             x3 = x.movedim(d, 0).reshape(x.shape[d], 1, -1).transpose(0, 1)
         outer, channels, inner = x3.shape
-        if x3.numel() == 0:
-            return
-        rows = max(1, min(outer, self.SAMPLE // max(channels * inner, 1)))
+        rows = max(1, min(outer, cls.SAMPLE // max(channels * inner, 1)))
         sample = x3[:: max(1, outer // rows)][:rows]
-        if sample.numel() > self.SAMPLE:
-            sample = sample[:, :, :: -(-sample.numel() // self.SAMPLE)]
+        if sample.numel() > cls.SAMPLE:
+            sample = sample[:, :, :: -(-sample.numel() // cls.SAMPLE)]
+        return sample
+
+    def add_sample(self, sample: torch.Tensor, batch_moments=None) -> None:
+        """Count a (rows, C, inner) sample from `take_sample`."""
+        if self.counts is None:
+            if batch_moments is None:
+                return
+            self.fix_grid(*batch_moments)
+        if sample.numel() == 0:
+            return
+        x = sample
+        channels = sample.shape[1]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         # bin = floor((z0 + RANGE) * BINS_PER_UNIT) + 1 = floor(x * step + shift), clamped into [0, BINS - 1]
         step = self.BINS_PER_UNIT / self.scale

@@ -233,3 +233,21 @@ def test_measure_false_leaves_no_stale_fractions_and_bad_values_are_refused():
     with pytest.warns(UserWarning, match="one-shot iterator"):
         fxsparse.calibrate(gm, iter([x]), measure="exact")
     assert fxsparse.meansparse_ops(gm)["act"].zscore_estimated
+
+
+@pytest.mark.slow
+def test_compiled_statistics_pass_equals_the_eager_pass():
+    """calibrate(compile=True): one torch.compile'd program computes the moments (and the histogram sample);
+    statistics equal the eager pass's to float rounding, the histogram closely."""
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    data = [torch.randn(8, 3, 6, 6) * 2 + 1 for _ in range(4)]
+    eager = fxsparse.calibrate(fxsparse.prepare(model, data[0]), data)
+    torch._dynamo.reset()
+    compiled = fxsparse.calibrate(fxsparse.prepare(model, data[0]), data, compile=True)
+    for name, op in fxsparse.meansparse_ops(compiled).items():
+        ref = fxsparse.meansparse_ops(eager)[name]
+        torch.testing.assert_close(op.mean, ref.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(op.std, ref.std, rtol=1e-5, atol=1e-6)
+        assert int(op.count) == int(ref.count)
+        assert float((op.zscore_counts - ref.zscore_counts).abs().max()) < 1e-3
