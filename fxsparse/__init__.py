@@ -35,7 +35,7 @@ from __future__ import annotations
 from fxsparse.errors import (BackendError, CalibrationError, CaptureError, FxsparseError, FxsparseTypeError,
                              FxsparseValueError, InputRangeError, MissingDependencyError, NoActivationWarning,
                              PersistenceError, SearchWarning, SelectionError)
-from fxsparse.ops import MeanSparse, meansparse_ops
+from fxsparse.ops import MeanSparse, eager_kernel, meansparse_ops, set_eager_kernel
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
 from fxsparse.passes.locate import Selection, Site, locate
 from fxsparse.passes.splice import splice
@@ -56,7 +56,8 @@ from fxsparse._version import __version__
 
 __all__ = [
     "sparsify", "prepare", "calibrate", "set_alpha", "audit", "straight_through", "register_activation",
-    "MeanSparse", "meansparse_ops", "FxsparseError", "CaptureError", "CalibrationError", "SelectionError",
+    "MeanSparse", "meansparse_ops", "set_eager_kernel", "eager_kernel", "FxsparseError", "CaptureError",
+    "CalibrationError", "SelectionError",
     "FxsparseValueError", "FxsparseTypeError", "InputRangeError", "BackendError", "MissingDependencyError", "SearchWarning",
     "Selection", "Site", "Audit", "SiteRecord", "ActivationKind", "activation_kinds", "capture", "locate", "splice",
     "backend", "MeanSparseBackend", "statistics", "save", "load", "PersistenceError", "NoActivationWarning",

@@ -38,6 +38,7 @@ class SiteRecord:
     std_mean: Optional[float]
     std_max: Optional[float]
     replaced: Optional[float]
+    replaced_estimated: bool = False  # `replaced` comes from calibrate's one-pass histogram (an estimate)
     policy: str = "activations"  # the placement policy that put the operator there (passes/placement.py)
     private_input: bool = False  # the input is a fresh tensor only the operator reads (passes/fresh.py)
 
@@ -55,6 +56,7 @@ def _record(op: MeanSparse) -> SiteRecord:
         mean_min=summary(mean.min()), mean_max=summary(mean.max()),
         std_min=summary(std.min()), std_mean=summary(std.mean()), std_max=summary(std.max()),
         replaced=replaced_fraction(op) if cal else None,
+        replaced_estimated=bool(cal and op.zscore_counts is not None and getattr(op, "zscore_estimated", False)),
         policy=getattr(op, "policy", "activations"),
         private_input=getattr(op, "private_input", False),
     )
@@ -90,7 +92,7 @@ class Audit(List[SiteRecord]):
             row = dataclasses.asdict(r)
             cells = [_fmt(row[c]) for c in cols]
             if r.replaced is not None:
-                cells[-2] = f"{100 * r.replaced:.1f}%"
+                cells[-2] = f"{'~' if r.replaced_estimated else ''}{100 * r.replaced:.1f}%"
             lines.append("| " + " | ".join(cells) + " |")
         summary = f"{len(self)} sites"
         if self.capture:

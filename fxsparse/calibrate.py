@@ -10,9 +10,10 @@ Under `torch.distributed` every rank calibrates on its shard and the partial sta
 ranks (`fxsparse/distributed.py`). Long runs can save partial statistics every N batches and resume after an
 interruption (`fxsparse/checkpoint.py`).
 
-A second pass (optional, on by default) records, per site, how many elements lie within z standard
-deviations of their channel mean for a grid of z; the audit reads the fraction the operator replaces at any
-alpha from it.
+The same pass estimates, per site, how many elements lie within z standard deviations of their channel mean
+for a grid of z (`ZScoreSketch`: a per-channel histogram on a grid fixed by the first batch); the audit reads
+the fraction the operator replaces at any alpha from it, marked as an estimate. `measure="exact"` counts
+them exactly in a second pass instead.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from fxsparse.distributed import (check_same_across_ranks, failing_together, mer
 from fxsparse.errors import CalibrationError, FxsparseTypeError, NoActivationWarning
 from fxsparse.inputs import Call, find_record, read_batch
 from fxsparse.ops import MeanSparse, meansparse_ops
-from fxsparse.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter
+from fxsparse.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter, ZScoreSketch
 
 
 
@@ -240,35 +241,70 @@ def _write_statistics(stats: Dict[MeanSparse, ChannelStats]) -> None:
         op.mean.copy_(s.mean.to(op.mean.dtype))
         op.std.copy_(s.std.to(op.std.dtype))
         op.count.fill_(int(s.count))
+        op.zscore_edges = op.zscore_counts = None  # measured again below, or not at all: never stale
+        op.zscore_estimated = False
 
 
-def _statistics_pass(gm, data, stats, start: int, saver, passes) -> None:
-    """First pass: per-channel moments on this rank, merged across ranks, written into the operators."""
+class _Recorder:
+    """A site's statistics and its one-pass histogram, fed from one observation (the histogram's grid comes
+    from the first batch's moments, just computed by the statistics)."""
+
+    def __init__(self, stats: ChannelStats, sketch: ZScoreSketch):
+        self.stats, self.sketch = stats, sketch
+
+    def update(self, x: torch.Tensor) -> None:
+        self.stats.update(x)
+        self.sketch.update(x, self.stats.last_batch)
+
+
+def _statistics_pass(gm, data, stats, start: int, saver, passes, sketches=None, compile=False) -> None:
+    """Per-channel moments on this rank (and, with `sketches`, the one-pass histograms), merged across ranks,
+    written into the operators. With `compile`, one torch.compile'd program computes them
+    (fxsparse/calibrate_compiled.py)."""
     def after_batch(n: int, inputs) -> None:
         _check_finite(stats, n - 1, inputs)
         if saver is not None:
-            saver.after_batch("statistics", n, stats)
+            saver.after_batch("statistics", n, stats, sketches=sketches)
 
+    observers = stats if sketches is None else {op: _Recorder(stats[op], sketches[op]) for op in stats}
+    runner = gm
+    if compile:
+        from fxsparse.calibrate_compiled import compiled_statistics
+
+        compiled = compiled_statistics(gm, stats, sketches)
+        if compiled is not None:
+            runner, observers = compiled, {}
     with failing_together():
-        batches = _run_pass(gm, data, stats, desc="calibrate", start=start, after_batch=after_batch, **passes)
+        batches = _run_pass(runner, data, observers, desc="calibrate", start=start, after_batch=after_batch,
+                            **passes)
     merge_stats_across_ranks(stats, {op: op.channels for op in stats})
     if sum_across_ranks(batches) == 0:
         raise CalibrationError("calibration data is empty: give at least one batch")
     _write_statistics(stats)
+    if sketches is not None:  # each rank maps its own histogram onto the merged statistics, then ranks add up
+        # against the statistics the operators hold (their dtype), so that a resumed run gives the same bits
+        _write_zscores({op: sketch.counter(op.mean, op.std) for op, sketch in sketches.items()})
+
+
+def _write_zscores(counters: Dict[MeanSparse, ZScoreCounter]) -> None:
+    for c in counters.values():
+        c.counts = c.counts.cpu()
+    sum_counters_across_ranks(list(counters.values()))
+    for op, c in counters.items():
+        op.zscore_edges = ZSCORE_GRID.clone()
+        op.zscore_counts = c.counts / max(c.total, 1)
+        op.zscore_estimated = c.estimated
 
 
 def _measure_pass(gm, data, stats, counters, start: int, saver, passes) -> None:
-    """Second pass: per site, the histogram of |x - mean| / std that the audit reads replaced fractions from."""
+    """Second pass (measure="exact"): per site, the exact histogram of |x - mean| / std."""
     def after_batch(n: int, inputs) -> None:
         if saver is not None:
             saver.after_batch("measure", n, stats, counters)
 
     with failing_together():
         _run_pass(gm, data, counters, desc="measure", start=start, after_batch=after_batch, **passes)
-    sum_counters_across_ranks(list(counters.values()))
-    for op, c in counters.items():
-        op.zscore_edges = ZSCORE_GRID.clone()
-        op.zscore_counts = c.counts / max(c.total, 1)
+    _write_zscores(counters)
 
 
 def calibrate(
@@ -278,10 +314,11 @@ def calibrate(
     forward_loop: Optional[Callable[[nn.Module], Any]] = None,
     max_batches: Optional[int] = None,
     progress: Optional[bool] = None,
-    measure: bool = True,
+    measure: Union[bool, str] = True,
     checkpoint: Union[str, "os.PathLike[str]", None] = None,
     checkpoint_every: int = 100,
     exact: bool = False,
+    compile: bool = False,
 ) -> fx.GraphModule:
     """Set every MeanSparse's `mean` and `std` from `data`; returns `gm`.
 
@@ -294,14 +331,19 @@ def calibrate(
             the loop runs under no_grad with the model in eval mode, once per pass (twice with `measure`).
         max_batches: stop after this many batches (per rank).
         progress: show a tqdm bar (default: when stderr is a terminal).
-        measure: run a second pass recording replaced fractions for the audit (skipped for one-shot
-            iterators, which cannot be read twice).
+        measure: how the audit's replaced fractions are taken. True (default): estimated in the statistics
+            pass itself (one pass over the data; the audit marks them as estimates). "exact": counted in a
+            second pass over the data (one-shot iterators, which cannot be read twice, get the estimate, with
+            a warning). False: not at all.
         checkpoint: a file for partial statistics, written every `checkpoint_every` batches; if it exists,
             calibration resumes from it (replay the data in the same order). Deleted when calibration ends.
         exact: take each batch's moments in float64 (the batch is converted first). The default takes them
             in the activation's own dtype (a sum, then the sum of squared deviations from the batch mean; ATen's
             batch-norm statistics for short rows) and merges batches in float64: error within 1e-6 x
             (std + |mean|).
+        compile: run the statistics pass as one torch.compile'd program whose reductions Inductor fuses into
+            the forward's kernels (compiles on the first batch; statistics equal the eager pass's to float
+            rounding). Models with operators inside opaque modules take the eager pass, with a warning.
 
     A model prepared without any selected activation has no operators: calibrate warns
     (NoActivationWarning) and returns it unchanged.
@@ -314,25 +356,31 @@ def calibrate(
     ops = meansparse_ops(gm)
     if not ops:
         return _no_operators(gm)
-    if measure and isinstance(data, collections.abc.Iterator):
-        measure = False
+    if not (isinstance(measure, bool) or measure == "exact"):
+        raise CalibrationError(f"measure must be True, False or 'exact', got {measure!r}")
+    if measure == "exact" and isinstance(data, collections.abc.Iterator):
+        warnings.warn("calibrate(measure='exact') needs to read the data twice, but it is a one-shot iterator: "
+                      "the replaced fractions are estimated in one pass instead", stacklevel=2)
+        measure = True
+    exact_measure = measure == "exact"
     saver = CalibrationCheckpoint(checkpoint, checkpoint_every, ops) if checkpoint is not None else None
     stats = {op: ChannelStats(op.dim, exact) for op in ops.values()}
     counters = {op: ZScoreCounter(op) for op in ops.values()}
-    phase, done = saver.restore(stats, counters) if saver is not None else ("statistics", 0)
+    sketches = {op: ZScoreSketch(op) for op in ops.values()} if measure is True else None  # one pass
+    phase, done = saver.restore(stats, counters, sketches) if saver is not None else ("statistics", 0)
     check_same_across_ranks(phase == "measure", "the phase to resume (delete the checkpoints to restart)")
     passes = dict(max_batches=max_batches, progress=progress)
     was_training = gm.training
     gm.eval()
     try:
         if phase == "statistics":
-            _statistics_pass(gm, data, stats, done, saver, passes)
+            _statistics_pass(gm, data, stats, done, saver, passes, sketches, compile)
             done = 0
-            if saver is not None and measure:
+            if saver is not None and exact_measure:
                 saver.save("measure", 0, stats, counters)
         else:  # resuming the second pass: the statistics in the checkpoint are final
             _write_statistics(stats)
-        if measure:
+        if exact_measure:
             _measure_pass(gm, data, stats, counters, done, saver, passes)
         if saver is not None:
             saver.discard()

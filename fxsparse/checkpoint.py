@@ -1,7 +1,8 @@
 """Resumable calibration: the partial statistics of a long calibration, saved every N batches.
 
-A checkpoint holds, per site, the running (count, mean, M2) of the statistics pass, or during the second
-(measure) pass the finished statistics and the partial histogram counts, plus how many batches are done.
+A checkpoint holds, per site, the running (count, mean, M2) of the statistics pass with the state of its
+one-pass histogram (grid and counts), or during the second (measure="exact") pass the finished statistics
+and the partial histogram counts, plus how many batches are done.
 Resuming skips that many batches of the data and carries on, so the data must be replayed in the same order
 (a DataLoader without shuffling, or with a fixed sampler seed). Because batches merge in the same order, an
 interrupted and resumed run gives bit-identical statistics to an uninterrupted one. Under
@@ -19,7 +20,7 @@ from fxsparse.distributed import rank_and_size
 from fxsparse.errors import CalibrationError
 from fxsparse.ops import MeanSparse
 from fxsparse.safefile import read, write
-from fxsparse.stats import ChannelStats, ZScoreCounter
+from fxsparse.stats import ChannelStats, ZScoreCounter, ZScoreSketch
 
 FORMAT = "fxsparse-calibration-checkpoint"
 PHASES = ("statistics", "measure")
@@ -40,9 +41,9 @@ class CalibrationCheckpoint:
     def _sites(self) -> Dict[str, int]:
         return {name: op.channels for name, op in self.ops.items()}
 
-    def restore(self, stats: Dict[MeanSparse, ChannelStats],
-                counters: Dict[MeanSparse, ZScoreCounter]) -> Tuple[str, int]:
-        """Fill `stats` (and, in the measure phase, `counters`) from the file; (phase, batches done)."""
+    def restore(self, stats: Dict[MeanSparse, ChannelStats], counters: Dict[MeanSparse, ZScoreCounter],
+                sketches: Optional[Dict[MeanSparse, ZScoreSketch]] = None) -> Tuple[str, int]:
+        """Fill `stats` and `sketches` (in the measure phase, `counters`) from the file; (phase, batches done)."""
         if not os.path.exists(self.path):
             return PHASES[0], 0
         tensors, header = read(self.path, "calibration checkpoint")
@@ -57,6 +58,11 @@ class CalibrationCheckpoint:
                 if phase == "measure":
                     counters[op].counts = tensors[f"{name}/zscore_counts"]
                     counters[op].total = int(tensors[f"{name}/zscore_total"])
+                elif sketches is not None and f"{name}/sketch_counts" in tensors:
+                    sketch, device = sketches[op], op.mean.device
+                    sketch.center, sketch.scale, sketch.counts = (
+                        tensors[f"{name}/sketch_{k}"].to(device) for k in ("center", "scale", "counts"))
+                    sketch.total = int(tensors[f"{name}/sketch_total"])
             return phase, int(header["batches_done"])
         except (KeyError, TypeError, ValueError) as exc:
             self._refuse(f"is incomplete ({type(exc).__name__}: {exc})")
@@ -78,7 +84,8 @@ class CalibrationCheckpoint:
                          f"{extra[:5]}, channel counts differ at: {channels[:5]})")
 
     def save(self, phase: str, batches_done: int, stats: Dict[MeanSparse, ChannelStats],
-             counters: Optional[Dict[MeanSparse, ZScoreCounter]] = None) -> None:
+             counters: Optional[Dict[MeanSparse, ZScoreCounter]] = None,
+             sketches: Optional[Dict[MeanSparse, ZScoreSketch]] = None) -> None:
         tensors = {}
         for name, op in self.ops.items():
             s = stats[op]
@@ -88,14 +95,19 @@ class CalibrationCheckpoint:
             if counters is not None:
                 tensors[f"{name}/zscore_counts"] = counters[op].counts
                 tensors[f"{name}/zscore_total"] = torch.tensor(counters[op].total, dtype=torch.int64)
+            if sketches is not None and sketches[op].counts is not None:
+                sketch = sketches[op]
+                tensors.update({f"{name}/sketch_center": sketch.center, f"{name}/sketch_scale": sketch.scale,
+                                f"{name}/sketch_counts": sketch.counts,
+                                f"{name}/sketch_total": torch.tensor(sketch.total, dtype=torch.int64)})
         header = {"format": FORMAT, "phase": phase, "batches_done": batches_done,
                   "world_size": self.world_size, "sites": self._sites()}
         write(self.path, tensors, header)
 
-    def after_batch(self, phase: str, batches_done: int, stats, counters=None) -> None:
+    def after_batch(self, phase: str, batches_done: int, stats, counters=None, sketches=None) -> None:
         """Save when `batches_done` is a multiple of `every`."""
         if batches_done % self.every == 0:
-            self.save(phase, batches_done, stats, counters)
+            self.save(phase, batches_done, stats, counters, sketches)
 
     def discard(self) -> None:
         if os.path.exists(self.path):

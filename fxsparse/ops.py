@@ -6,6 +6,12 @@
 model state; `alpha` is a 0-d tensor changed in place, so a new alpha never triggers a recompile. The forward
 has no data-dependent Python branch (no host-device sync): with alpha = 0 the comparison is false everywhere
 and `torch.where` returns the input's own bits.
+
+Eager mode is plain public PyTorch: nothing is compiled behind the user's back, and no private torch API is
+needed for correct results. In inference it allocates one full-size temporary (the difference, reused as
+the output) and writes into its input only when the activation was in place. Speed comes from
+`torch.compile`, where the operator fuses into its neighbours' kernels; `set_eager_kernel("fused")` opts in
+to a compiled eager kernel.
 """
 from __future__ import annotations
 
@@ -48,18 +54,65 @@ def _band(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor) -> torch
     return torch.where((x - mean).abs() < threshold, mean, x)
 
 
-# Eager mode would run the four elementwise ops above as four passes over memory (plus temporaries). In
-# inference (no autograd graph), float32 / float64 inputs of at least FUSED_MIN_ELEMENTS elements go through
-# one Inductor-compiled kernel instead: every dense layout is viewed as (outer, C, inner), and one kernel with
-# dynamic sizes serves each (dtype, device, size-1 pattern, in-place flag) -- its own code object, so its own Dynamo cache
-# entry, and the recompile limit is never reached however many sites, ranks and shapes a process sees. The
-# first call of each kernel compiles it (about a second on CPU; Inductor caches it on disk for later
-# processes). Its bits equal the plain ops'. Gradients, low precision (Inductor would compute in float32,
-# eager in the input dtype), torch.compile / export / tracing / dispatch modes use the plain ops, which
-# Inductor fuses anyway. FXSPARSE_FUSED_EAGER=0 turns the kernel off; so does any failure to compile it.
-FUSED_EAGER = os.environ.get("FXSPARSE_FUSED_EAGER", "1") != "0"
+def _band_lean(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """`_band` with one full-size temporary: the difference, made absolute in place, then reused as the output
+    (or, in place, the input itself is the output). Public ops only, no autograd (`out=` records none)."""
+    diff = torch.sub(x, mean)
+    inside = diff.abs_() < threshold
+    if inplace:
+        return torch.where(inside, mean, x, out=x)
+    if not _dense(x):
+        # `sub` compacts a view with gaps (a slice of a split); the activation would then run on another
+        # memory layout and may round differently. Keep the input's strides so alpha = 0 stays bit-exact.
+        diff = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    return torch.where(inside, mean, x, out=diff)  # `diff` has x's layout: TensorIterator follows x's strides
+
+
+def _lean_allowed(x: torch.Tensor) -> bool:
+    """The `out=` formulation needs a plain tensor outside autograd, tracing and compilation (there the
+    textbook `_band` is what Inductor fuses and what autograd differentiates)."""
+    return (type(x) is torch.Tensor and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
+# --- the opt-in fused eager kernel -----------------------------------------------------------------------
+# By default eager mode runs the public ops above (about four passes over memory). `set_eager_kernel("fused")`
+# sends float32 / float64 inference inputs of at least FUSED_MIN_ELEMENTS elements through one
+# Inductor-compiled kernel instead: every dense layout is viewed as (outer, C, inner), and one kernel with
+# dynamic sizes serves each (dtype, device, size-1 pattern, in-place flag). Each kernel compiles on its first
+# call (about a second on CPU, and a C++ compiler there; Inductor caches it on disk). Its bits equal the plain
+# ops'. A kernel that fails to compile or run is dropped with a warning, and its inputs take the plain ops; an
+# in-place kernel first runs on a scratch copy, so a failure never leaves a half-written input behind.
+# Correct results never depend on it: gradients, low precision, torch.compile / export / tracing / dispatch
+# modes always take the plain ops.
+EAGER_KERNELS = ("plain", "fused")
+_eager_kernel = os.environ.get("FXSPARSE_EAGER_KERNEL", "plain")
 FUSED_MIN_ELEMENTS = 1 << 13  # below this, a compiled call's guard checks cost more than the plain ops
 _FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+class FusedKernelWarning(UserWarning):
+    """The opt-in fused eager kernel failed for one input pattern; that pattern runs on the plain ops."""
+
+
+def set_eager_kernel(kind: str, model: Optional[nn.Module] = None, *example_inputs) -> None:
+    """Choose the eager inference kernel: "plain" (default: public PyTorch ops, nothing compiled) or "fused"
+    (one Inductor kernel per input pattern, compiled on first use). With `model` and `example_inputs`, one
+    forward under no_grad compiles the kernels that model needs now rather than on its first real call."""
+    global _eager_kernel
+    if kind not in EAGER_KERNELS:
+        from fxsparse.errors import SelectionError
+
+        raise SelectionError(f"unknown eager kernel {kind!r}; choose one of {EAGER_KERNELS}")
+    _eager_kernel = kind
+    if model is not None:
+        with torch.no_grad():
+            model(*example_inputs)
+
+
+def eager_kernel() -> str:
+    """The eager inference kernel in use: "plain" or "fused"."""
+    return _eager_kernel
 
 
 def _band_3d(x3: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -73,7 +126,9 @@ def _band_3d_(x3: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: to
 
 @functools.lru_cache(maxsize=None)
 def _fused_band(key: tuple) -> Callable:
-    """The compiled kernel for one (dtype, device, size-1 pattern, in place) key, from a fresh code object."""
+    """The compiled kernel for one (dtype, device, size-1 pattern, in place) key. Each key gets its own
+    function object built from the body's code, so each has its own Dynamo cache entry and many keys never
+    reach the recompile limit (if one did, Dynamo would run the body eagerly: slower, still correct)."""
     body = _band_3d_ if key[-1] else _band_3d
     code = body.__code__.replace(co_name=f"{body.__name__}fused_{len(_fused_band.keys)}")
     _fused_band.keys.append(key)
@@ -81,6 +136,8 @@ def _fused_band(key: tuple) -> Callable:
 
 
 _fused_band.keys = []  # type: ignore[attr-defined]
+_fused_failed: "set[tuple]" = set()   # keys dropped after a failure: their inputs take the plain ops
+_fused_proven: "set[tuple]" = set()   # in-place keys that ran once on a scratch copy
 
 
 def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
@@ -95,12 +152,12 @@ def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
 
 
 def _use_fused(x: torch.Tensor) -> bool:
-    if not FUSED_EAGER or x.numel() < FUSED_MIN_ELEMENTS or type(x) is not torch.Tensor:
+    if _eager_kernel != "fused" or x.numel() < FUSED_MIN_ELEMENTS or x.dtype not in _FUSED_DTYPES:
         return False
-    if x.dtype not in _FUSED_DTYPES or (x.requires_grad and torch.is_grad_enabled()):
+    if not _lean_allowed(x) or x.device.type not in ("cpu", "cuda"):
         return False
-    if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
+    # guards of the opt-in path only (the default plain ops need neither): functorch transforms and
+    # dispatch modes see the plain ops
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False
     from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -108,55 +165,67 @@ def _use_fused(x: torch.Tensor) -> bool:
     return _get_current_dispatch_mode() is None
 
 
-_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private API: without it, never overwrite
+def _run_fused(x: torch.Tensor, mean, std, alpha, dim: int, inplace: bool) -> Optional[torch.Tensor]:
+    """The fused kernel's result, or None when this input's pattern has no working kernel."""
+    x3 = _as_3d(x, dim)
+    if x3 is None:
+        return None
+    key = (x.dtype, x.device, tuple(size == 1 for size in x3.shape), inplace)
+    if key in _fused_failed:
+        return None
+    try:
+        if inplace and key not in _fused_proven:  # first run on a scratch copy: x stays whole if it fails
+            _fused_band(key)(x3.clone(), mean, std, alpha)
+            _fused_proven.add(key)
+        elif not inplace:
+            y3 = _fused_band(key)(x3, mean, std, alpha)
+    except Exception as exc:  # noqa: BLE001 -- any failure: this pattern goes back to the plain ops
+        import warnings
 
+        _fused_failed.add(key)
+        warnings.warn(FusedKernelWarning(
+            f"the fused eager kernel failed for {x.dtype} input of shape {tuple(x.shape)} on {x.device} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); such inputs now "
+            "run on the plain ops (fxsparse.set_eager_kernel('plain') silences this)"), stacklevel=4)
+        return None
+    if inplace:
+        try:
+            _fused_band(key)(x3, mean, std, alpha)
+        except Exception as exc:
+            from fxsparse.errors import FxsparseError
 
-def _sole_owner(x: torch.Tensor) -> bool:
-    """No other tensor (a view, a detached alias) shares x's storage: the count is x's, its view base's if x
-    is a view (F.linear on 3-d input returns a view of its 2-d result), and the temporary storage handle's."""
-    if _STORAGE_USE_COUNT is None:
-        return False
-    return _STORAGE_USE_COUNT(x.untyped_storage()._cdata) <= 2 + x._is_view()
+            _fused_failed.add(key)
+            raise FxsparseError(
+                "the fused eager kernel failed while writing in place; the activation's input may be "
+                "half-written, so it is not retried. Run with fxsparse.set_eager_kernel('plain')") from exc
+        return x
+    if x.is_contiguous():
+        return y3.view(x.shape)
+    n, c, h, w = x.shape
+    return y3.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
-                inplace: bool = False, straight_through: bool = False, may_overwrite: bool = False) -> torch.Tensor:
+                inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
     """The operator as a function of its state (MeanSparse.forward, and the compile backend's graphs).
-
-    `inplace` writes into `x` always (the activation was in place); `may_overwrite` lets the fused inference
-    kernel write into `x` when nothing else reads it (see `passes/fresh.py`), saving the output allocation.
-    """
+    `inplace` writes into `x` (the activation was in place, so every alias of `x` must see the result)."""
     if not straight_through and _use_fused(x):
-        # overwrite a private input only if no other tensor shares its storage (a hook kept a view); checked
-        # before x3 below, itself a view, exists
-        write_input = inplace or (may_overwrite and _sole_owner(x))
-        x3 = _as_3d(x, dim)
-        if x3 is not None:
-            try:
-                key = (x.dtype, x.device, tuple(size == 1 for size in x3.shape), write_input)
-                y3 = _fused_band(key)(x3, mean, std, alpha)
-            except Exception:  # keep serving with the plain ops
-                globals()["FUSED_EAGER"] = False
-                return mean_sparse(x, mean, std, alpha, dim, inplace, straight_through)
-            if write_input:
-                return x
-            if x.is_contiguous():
-                return y3.view(x.shape)
-            n, c, h, w = x.shape
-            return y3.view(n, h, w, c).permute(0, 3, 1, 2)
+        y = _run_fused(x, mean, std, alpha, dim, inplace)
+        if y is not None:
+            return y
     shape = [1] * x.dim()
     shape[dim] = -1
     mean = mean.to(x.dtype).view(shape)
     threshold = (alpha * std).to(x.dtype).view(shape)
     if straight_through:
         y = _StraightThroughWhere.apply(x, mean, threshold)
-    else:
-        y = _band(x, mean, threshold)
+        return x.copy_(y) if inplace else y
+    if _lean_allowed(x):
+        return _band_lean(x, mean, threshold, inplace)
+    y = _band(x, mean, threshold)
     if inplace:
         return x.copy_(y)
     if not _dense(x):
-        # `where` compacts a view with gaps (a slice of a split); the activation would then run on another
-        # memory layout and may round differently. Keep the input's strides so alpha = 0 stays bit-exact.
         out = torch.empty_strided(x.size(), x.stride(), dtype=y.dtype, device=y.device)
         return out.copy_(y)
     return y
@@ -175,12 +244,12 @@ class MeanSparse(nn.Module):
     splice pass and read by the audit; they are plain attributes, not state.
     """
 
-    # Set by the splice pass when the input is a fresh tensor that only this operator reads (the output of a
-    # Linear, a convolution, a norm layer, out-of-place arithmetic): eager inference may then overwrite it.
-    # `producer_hooks` are the producing module's forward-hook dicts (a hook there might keep the tensor).
-    # Class-level defaults, so that operators pickled before these existed still load.
+    # Set by the splice pass when the input is a fresh tensor that only this operator reads
+    # (passes/fresh.py); reported by the audit, never used to overwrite the input. Class-level defaults, so
+    # that operators pickled before these existed still load.
     private_input: bool = False
     producer_hooks: Tuple[dict, ...] = ()
+    zscore_estimated: bool = False  # the replaced-fraction histogram is a one-pass estimate (calibrate)
 
     def __init__(self, channels: int, dim: int = 1, *, inplace: bool = False):
         super().__init__()
@@ -219,17 +288,7 @@ class MeanSparse(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
-        return mean_sparse(x, self.mean, self.std, self.alpha, self.dim, self.inplace, self.straight_through,
-                           self.private_input and not torch.compiler.is_compiling() and self.may_overwrite())
-
-    def may_overwrite(self) -> bool:
-        """Whether this call may write into its input: it is private, and no hook (on its producer, on this
-        operator, or global) can hold it or compare it with the output. `mean_sparse` also checks that no
-        other tensor shares its storage."""
-        hooks = torch.nn.modules.module
-        return (self.private_input and not any(self.producer_hooks) and not self._forward_hooks
-                and not self._forward_pre_hooks and not hooks._global_forward_hooks
-                and not hooks._global_forward_pre_hooks)
+        return mean_sparse(x, self.mean, self.std, self.alpha, self.dim, self.inplace, self.straight_through)
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""

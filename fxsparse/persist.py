@@ -59,6 +59,7 @@ def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
             tensors[f"{name}/{buffer}"] = getattr(op, buffer)
         if op.zscore_counts is not None:
             tensors[f"{name}/zscore_edges"], tensors[f"{name}/zscore_counts"] = op.zscore_edges, op.zscore_counts
+            tensors[f"{name}/zscore_estimated"] = torch.tensor(bool(op.zscore_estimated))
     report = gm.meta.get(CAPTURE_META)
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -121,6 +122,7 @@ def _restore(ops: Mapping[str, MeanSparse], tensors: Mapping[str, torch.Tensor],
             if f"{name}/zscore_counts" in tensors:
                 op.zscore_edges = tensors[f"{name}/zscore_edges"].clone()
                 op.zscore_counts = tensors[f"{name}/zscore_counts"].clone()
+                op.zscore_estimated = bool(tensors.get(f"{name}/zscore_estimated", torch.tensor(False)))
 
 
 def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:

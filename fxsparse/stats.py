@@ -3,7 +3,9 @@
 `ChannelStats` keeps count, mean and M2 (sum of squared deviations) per channel in float64 and merges
 partial results with the parallel formula of Chan et al., so batches, resumed runs and ranks combine into
 the statistics of one pass over all the data. `ZScoreCounter` counts, for a grid of z, the elements within z
-standard deviations of their channel mean; counts add up across batches and ranks.
+standard deviations of their channel mean (the exact, second-pass histogram); `ZScoreSketch` estimates the
+same counts in the statistics pass itself, before the final mean and std are known. Counts add up across
+batches and ranks.
 """
 from __future__ import annotations
 
@@ -89,8 +91,12 @@ class ChannelStats:
 
     def update(self, x: torch.Tensor) -> None:
         parts = self.batch_mean_var(x, self.dim, self.exact)
-        if parts is None:
-            return
+        if parts is not None:
+            self.add_moments(*parts)
+
+    def add_moments(self, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Add one batch given as its moments (n elements per channel, their mean and population variance)."""
+        parts = (n, mean, var)
         channels = parts[1].numel()
         if self._channels is not None and channels != self._channels:
             raise CalibrationError(f"channel count changed between batches ({self._channels} then {channels})")
@@ -164,6 +170,14 @@ def _merge_many(ns: List[int], means: torch.Tensor, m2s: torch.Tensor) -> Tuple[
     return total, mean, m2s.sum(0) + (n * (means - mean) ** 2).sum(0)
 
 
+def _bincount(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Counts of the values 0..n-1 in `idx` (all within range). `torch.bincount` off the CPU reads the maximum
+    back to the host to size its output; `scatter_add_` into a fixed size does not."""
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=n)
+    return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, idx.long(), torch.ones_like(idx, dtype=torch.int64))
+
+
 class ZScoreCounter:
     """Counts, for every z of ZSCORE_GRID, the elements with |x - mean| < z * std (second pass).
 
@@ -178,6 +192,7 @@ class ZScoreCounter:
         self.op = op
         self.counts = torch.zeros(len(ZSCORE_GRID), dtype=torch.float64)
         self.total = 0
+        self.estimated = False  # True for counts estimated in one pass (ZScoreSketch)
 
     def update(self, x: torch.Tensor) -> None:
         shape = [1] * x.dim()
@@ -188,9 +203,119 @@ class ZScoreCounter:
         steps = (x.detach().float() - mean).abs_().mul_(scale).nan_to_num_(nan=last, posinf=last).clamp_(max=last)
         # idx = number of grid points <= z, so "z < grid[k]" holds exactly when idx <= k
         idx = steps.to(torch.int32).add_(1).flatten()
-        hist = torch.bincount(idx, minlength=len(ZSCORE_GRID) + 1)[: len(ZSCORE_GRID)]
-        self.counts += torch.cumsum(hist, 0).to(torch.float64).cpu()
+        hist = _bincount(idx, len(ZSCORE_GRID) + 1)[: len(ZSCORE_GRID)]
+        if self.counts.device != hist.device:  # counts stay on the data's device: no copy to the host per batch
+            self.counts = self.counts.to(hist.device)
+        self.counts += torch.cumsum(hist, 0).to(torch.float64)
         self.total += idx.numel()
+
+
+class ZScoreSketch:
+    """One-pass estimate of ZScoreCounter's counts, recorded while the statistics are still being taken.
+
+    The first batch fixes a per-channel grid: z0 = (x - m0) / s0 with m0, s0 that batch's channel mean and std,
+    BINS_PER_UNIT bins per unit of z0 over [-RANGE, RANGE] plus one underflow and one overflow bin. Each batch
+    adds a bounded, deterministic sample of its elements (whole rows of the (outer, C, inner) view, at most
+    SAMPLE elements, 8192) to per-channel counts: a few vectorised ops and one `index_add_`, nothing read
+    back to the host. Once the final mean and std are known, `counter` maps each band
+    |x - mean| < z * std into z0 units per channel and reads the counts inside it, interpolating linearly
+    within the two edge bins; elements beyond the grid count as outside any band. The result is an
+    estimate (sampled rows, interpolated edges); the audit says so. Memory: C x (2 RANGE BINS_PER_UNIT + 2)
+    int64 counts per site.
+    """
+
+    BINS_PER_UNIT = 16
+    RANGE = 8.0  # first-batch standard deviations: room for later batches that are wider or shifted
+    SAMPLE = 1 << 13
+    INNER = int(2 * RANGE * BINS_PER_UNIT)  # bins inside the grid
+    BINS = INNER + 2                        # plus underflow (0) and overflow (BINS - 1)
+
+    def __init__(self, op: MeanSparse):
+        self.op = op
+        self.center: Optional[torch.Tensor] = None  # m0, float64, per channel
+        self.scale: Optional[torch.Tensor] = None   # s0, float64, per channel
+        self.counts: Optional[torch.Tensor] = None  # (C, BINS) int64
+        self.total = 0
+
+    def fix_grid(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        std = var.double().clamp_min(0).sqrt()
+        # a channel constant in the first batch has no scale of its own: unit bins
+        self.scale = torch.where(std > 0, std, torch.ones_like(std))
+        self.center = mean.double().clone()
+        self.counts = torch.zeros(mean.numel(), self.BINS, dtype=torch.int64, device=mean.device)
+
+    def update(self, x: torch.Tensor, batch_moments=None) -> None:
+        """Add a sample of `x` (the grid comes from `batch_moments`, (mean, var) of x's batch, if unset)."""
+        if self.counts is None and batch_moments is None:
+            return
+        self.add_sample(self.take_sample(x, self.op.dim), batch_moments)
+
+    @classmethod
+    def take_sample(cls, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """A view of at most SAMPLE elements of `x` as (rows, C, inner): evenly spaced rows of its
+        (outer, C, inner) view, then evenly spaced columns if one row is still too long. Shapes only."""
+        from fxsparse.ops import _as_3d
+
+        x = x.detach()
+        d = dim % x.dim()
+        x3 = _as_3d(x, d)
+        if x3 is None:
+            x3 = x.movedim(d, 0).reshape(x.shape[d], 1, -1).transpose(0, 1)
+        outer, channels, inner = x3.shape
+        rows = max(1, min(outer, cls.SAMPLE // max(channels * inner, 1)))
+        sample = x3[:: max(1, outer // rows)][:rows]
+        if sample.numel() > cls.SAMPLE:
+            sample = sample[:, :, :: -(-sample.numel() // cls.SAMPLE)]
+        return sample
+
+    def add_sample(self, sample: torch.Tensor, batch_moments=None) -> None:
+        """Count a (rows, C, inner) sample from `take_sample`."""
+        if self.counts is None:
+            if batch_moments is None:
+                return
+            self.fix_grid(*batch_moments)
+        if sample.numel() == 0:
+            return
+        x = sample
+        channels = sample.shape[1]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # bin = floor((z0 + RANGE) * BINS_PER_UNIT) + 1 = floor(x * step + shift), clamped into [0, BINS - 1]
+        step = self.BINS_PER_UNIT / self.scale
+        shift = self.RANGE * self.BINS_PER_UNIT + 1 - self.center * step
+        z = torch.addcmul(shift.to(sample.device, dtype).view(1, -1, 1), sample.to(dtype),
+                          step.to(sample.device, dtype).view(1, -1, 1))
+        z = z.clamp_(0, self.BINS - 1).nan_to_num_(nan=0.0)  # NaN goes to the underflow bin
+        offsets = torch.arange(channels, device=z.device, dtype=torch.int32).view(1, -1, 1) * self.BINS
+        idx = z.to(torch.int32).add_(offsets).flatten()
+        # added straight into the counts: work in the sample's size, not in C x BINS
+        self.counts.view(-1).index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.int64, device=idx.device))
+        self.total += idx.numel()
+
+    def counter(self, mean: torch.Tensor, std: torch.Tensor) -> "ZScoreCounter":
+        """The estimated ZScoreCounter (counts per z of ZSCORE_GRID, total) for final `mean` and `std`."""
+        out = ZScoreCounter(self.op)
+        out.estimated = True
+        if self.counts is None:
+            return out
+        counts = self.counts.double().cpu()
+        inner = counts[:, 1:-1]
+        below = torch.cat([torch.zeros(len(counts), 1, dtype=torch.float64), inner.cumsum(1)], 1)  # (C, INNER+1)
+        grid = ZSCORE_GRID.view(1, -1)
+        mean, std = mean.double().cpu().view(-1, 1), std.double().cpu().view(-1, 1)
+        center, scale = self.center.cpu().view(-1, 1), self.scale.cpu().view(-1, 1)
+
+        def cdf(z: torch.Tensor) -> torch.Tensor:  # sampled elements below z0 = z, within the grid
+            p = ((z + self.RANGE) * self.BINS_PER_UNIT).clamp(0, self.INNER)
+            j = p.floor().clamp(max=self.INNER - 1)
+            j_long = j.long()
+            return below.gather(1, j_long) + (p - j) * inner.gather(1, j_long)
+
+        lo = cdf((mean - grid * std - center) / scale)
+        hi = cdf((mean + grid * std - center) / scale)
+        out.counts = (hi - lo).clamp_min(0).sum(0)
+        out.counts[0] = 0.0  # |x - mean| < 0 holds nowhere
+        out.total = self.total
+        return out
 
 
 def replaced_fraction(op: MeanSparse, alpha: Optional[float] = None) -> Optional[float]:

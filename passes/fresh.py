@@ -1,19 +1,14 @@
 """Private inputs: graph values that are fresh tensors and have exactly one reader.
 
-An operator whose input is private may overwrite it instead of allocating an output: nothing else can see
-the difference. That saves a full-size allocation per call, which on CPU is mostly page faults (an
-out-of-place pass over a 150 MB activation costs about 30 times an in-place one).
-
 "Fresh" means the producer always returns new storage: a linear map, a convolution, a normalisation layer,
 or an out-of-place arithmetic operator. Library modules count only when their class keeps the library's own
-`forward` (a subclass or an instance that overrides it might return its input or a cached tensor). A forward
-hook on such a module may keep a reference to the output, so the operator checks those hooks on every call
-(see `MeanSparse.may_overwrite`), and the hooks registered here are the module's own dict, not a copy. At
-run time the operator also refuses to overwrite a tensor whose storage another tensor shares.
+`forward` (a subclass or an instance that overrides it might return its input or a cached tensor).
 
-What this cannot see: a graph edited after the pass so that another node reads the value (re-run the pass,
-or clear `private_input`), and a hook that keeps the output tensor itself and removes itself before the
-operator runs.
+The splice pass records the result on each operator (`private_input`, shown by the audit). The operator
+does not act on it: overwriting a private input in eager mode saved an allocation, but proving at run time
+that no hook kept a view of the tensor needed a private torch API (the storage use count), so eager mode
+writes into its input only where the activation itself was in place. The forward-hook dicts returned here
+let a future user of the mark check the producer's hooks at call time.
 """
 from __future__ import annotations
 

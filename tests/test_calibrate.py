@@ -176,8 +176,78 @@ def test_replaced_fraction_matches_operator_on_calibration_data():
     model = Tiny().eval()
     x = torch.randn(16, 3, 6, 6)
     gm = fxsparse.sparsify(model, [x], alpha=0.25)
+    fxsparse.calibrate(gm, [x], measure="exact")
     op = fxsparse.meansparse_ops(gm)["act"]
     conv_out = model.conv(x).detach()
     inside = ((conv_out - op.mean.view(1, -1, 1, 1)).abs() < 0.25 * op.std.view(1, -1, 1, 1)).double().mean()
     record = {r.site: r for r in fxsparse.audit(gm)}["act"]
     assert abs(record.replaced - inside.item()) < 1e-6
+
+
+class CountingData:
+    """Replayable batches that count how often they are read."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def test_one_pass_estimate_is_close_to_the_exact_count_and_marked_as_an_estimate():
+    """The default reads the data once and estimates the replaced fractions (grid fixed by the first batch,
+    whose statistics differ from the final ones); measure="exact" reads it twice and counts them."""
+    from fxsparse.stats import ZSCORE_GRID
+
+    torch.manual_seed(3)
+    model = Tiny().eval()
+    data = CountingData([torch.randn(8, 3, 6, 6) * (1 + i / 8) + i / 8 for i in range(6)])
+    estimated = fxsparse.calibrate(fxsparse.prepare(model, data.batches[0]), data)
+    fxsparse.set_alpha(estimated, 0.3)
+    assert data.reads == 1
+    exact = fxsparse.calibrate(fxsparse.prepare(model, data.batches[0]), data, measure="exact")
+    assert data.reads == 3
+    for name, op in fxsparse.meansparse_ops(estimated).items():
+        ref = fxsparse.meansparse_ops(exact)[name]
+        assert torch.equal(op.mean, ref.mean) and torch.equal(op.std, ref.std)
+        assert op.zscore_estimated and not ref.zscore_estimated
+        est, true = op.zscore_counts, ref.zscore_counts
+        assert est[0] == 0 and bool((est[1:] >= est[:-1] - 1e-12).all()) and float(est[-1]) <= 1 + 1e-12
+        assert float((est - true).abs().max()) < 0.02, name
+    record = fxsparse.audit(estimated)[0]
+    assert record.replaced_estimated and not fxsparse.audit(exact)[0].replaced_estimated
+    assert "| ~" in fxsparse.audit(estimated).to_markdown()
+    assert len(ZSCORE_GRID) == len(est)
+
+
+def test_measure_false_leaves_no_stale_fractions_and_bad_values_are_refused():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    gm = fxsparse.sparsify(Tiny().eval(), [x], alpha=0.3)
+    assert fxsparse.audit(gm)[0].replaced is not None
+    fxsparse.calibrate(gm, [x * 2], measure=False)
+    assert fxsparse.audit(gm)[0].replaced is None  # the old histogram belonged to the old statistics
+    with pytest.raises(fxsparse.CalibrationError, match="measure must be"):
+        fxsparse.calibrate(gm, [x], measure="twice")
+    with pytest.warns(UserWarning, match="one-shot iterator"):
+        fxsparse.calibrate(gm, iter([x]), measure="exact")
+    assert fxsparse.meansparse_ops(gm)["act"].zscore_estimated
+
+
+@pytest.mark.slow
+def test_compiled_statistics_pass_equals_the_eager_pass():
+    """calibrate(compile=True): one torch.compile'd program computes the moments (and the histogram sample);
+    statistics equal the eager pass's to float rounding, the histogram closely."""
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    data = [torch.randn(8, 3, 6, 6) * 2 + 1 for _ in range(4)]
+    eager = fxsparse.calibrate(fxsparse.prepare(model, data[0]), data)
+    torch._dynamo.reset()
+    compiled = fxsparse.calibrate(fxsparse.prepare(model, data[0]), data, compile=True)
+    for name, op in fxsparse.meansparse_ops(compiled).items():
+        ref = fxsparse.meansparse_ops(eager)[name]
+        torch.testing.assert_close(op.mean, ref.mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(op.std, ref.std, rtol=1e-5, atol=1e-6)
+        assert int(op.count) == int(ref.count)
+        assert float((op.zscore_counts - ref.zscore_counts).abs().max()) < 1e-3

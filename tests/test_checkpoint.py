@@ -45,22 +45,23 @@ def _forward_calls(gm):
     return calls
 
 
-@pytest.mark.parametrize("on_pass, at, expected_calls", [
-    (1, 5, (7 - 4) + 7),   # statistics pass, checkpoint after batch 4: 3 batches left, then the measure pass
-    (2, 3, 7 - 2),         # measure pass, checkpoint after batch 2: statistics kept, 5 batches left
-], ids=["statistics-pass", "measure-pass"])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, on_pass, at, expected_calls):
-    reference = fxsparse.calibrate(_prepared(), BATCHES)
+@pytest.mark.parametrize("measure, on_pass, at, expected_calls", [
+    (True, 1, 5, 7 - 4),             # one pass (histogram estimated in it), checkpoint after batch 4
+    ("exact", 1, 5, (7 - 4) + 7),    # statistics pass: 3 batches left, then the measure pass
+    ("exact", 2, 3, 7 - 2),          # measure pass, checkpoint after batch 2: statistics kept, 5 batches left
+], ids=["one-pass", "statistics-pass", "measure-pass"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, measure, on_pass, at, expected_calls):
+    reference = fxsparse.calibrate(_prepared(), BATCHES, measure=measure)
 
     path = str(tmp_path / "calibration.ckpt")
     gm = _prepared()
     with pytest.raises(Interrupted):
-        fxsparse.calibrate(gm, FailsOnce(on_pass, at), checkpoint=path, checkpoint_every=2)
+        fxsparse.calibrate(gm, FailsOnce(on_pass, at), checkpoint=path, checkpoint_every=2, measure=measure)
     assert os.path.exists(path)
 
     resumed = _prepared()
     calls = _forward_calls(resumed)
-    fxsparse.calibrate(resumed, BATCHES, checkpoint=path, checkpoint_every=2)
+    fxsparse.calibrate(resumed, BATCHES, checkpoint=path, checkpoint_every=2, measure=measure)
     assert len(calls) == expected_calls  # the batches in the checkpoint were skipped, not run again
     assert not os.path.exists(path)      # finished: the checkpoint is gone
 
@@ -76,5 +77,7 @@ def test_checkpoint_files_are_written_atomically_and_every_n_batches(tmp_path, m
     monkeypatch.setattr("fxsparse.checkpoint.write", lambda path, t, h: (written.append(h["batches_done"]),
                                                                          original(path, t, h)))
     fxsparse.calibrate(_prepared(), BATCHES, checkpoint=str(tmp_path / "c"), checkpoint_every=3)
-    assert written == [3, 6, 0, 3, 6]  # statistics 3, 6; start of measure; measure 3, 6
+    assert written == [3, 6]  # one pass
+    fxsparse.calibrate(_prepared(), BATCHES, checkpoint=str(tmp_path / "c"), checkpoint_every=3, measure="exact")
+    assert written == [3, 6, 3, 6, 0, 3, 6]  # statistics 3, 6; start of measure; measure 3, 6
     assert os.listdir(tmp_path) == []   # no temporary files left, checkpoint removed

@@ -36,7 +36,9 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         dataset = TensorDataset(x, torch.zeros(len(x)))
         loader = DataLoader(dataset, batch_size=5, sampler=DistributedSampler(dataset, shuffle=True, seed=3))
         gm = fxsparse.prepare(_model(), x[:2])
-        fxsparse.calibrate(gm, loader)
+        fxsparse.calibrate(gm, loader)  # replaced fractions estimated in the one pass
+        save_file(_statistics(gm), os.path.join(out, f"rank{rank}.estimate.safetensors"))
+        fxsparse.calibrate(gm, loader, measure="exact")
         save_file(_statistics(gm), os.path.join(out, f"rank{rank}.safetensors"))
         bad = [x[:4]] + ([x[:4, :2]] if rank == 1 else [])  # rank 1 alone gets a batch the model refuses
         try:
@@ -53,10 +55,12 @@ def _worker(rank: int, init_file: str, out: str) -> None:
 def test_two_gloo_ranks_match_one_process_over_the_union(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # bit-identical on every rank
+    estimates = [load_file(str(tmp_path / f"rank{r}.estimate.safetensors")) for r in range(WORLD)]
+    for per_rank in (ranks, estimates):
+        assert all(torch.equal(per_rank[0][k], per_rank[1][k]) for k in per_rank[0])  # bit-identical on every rank
 
     single = fxsparse.prepare(_model(), _data()[:2])
-    fxsparse.calibrate(single, list(torch.split(_data(), 7)))
+    fxsparse.calibrate(single, list(torch.split(_data(), 7)), measure="exact")
     expected = _statistics(single)
     assert int(expected["act/count"]) == 24 * 6 * 6 and int(expected["act2/count"]) == 24  # the union, once
     for key, value in expected.items():
@@ -64,6 +68,8 @@ def test_two_gloo_ranks_match_one_process_over_the_union(tmp_path):
             assert torch.equal(ranks[0][key], value), key
         else:
             torch.testing.assert_close(ranks[0][key], value, rtol=1e-12, atol=1e-12)
+        if key.endswith("zscore_counts"):  # the one-pass estimate, merged across ranks: close to the exact one
+            assert (estimates[0][key] - value).abs().max() < 0.03, key
 
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
     assert "calibration batch 1 on rank 1" in messages[1] and "layer 'conv'" in messages[1]

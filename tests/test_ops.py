@@ -138,13 +138,43 @@ def test_views_with_gaps_keep_their_strides(case):
     assert torch.equal(y, op(view.contiguous()))
 
 
+def test_default_eager_path_compiles_nothing_and_overwrites_only_in_place(monkeypatch):
+    """Eager by default is plain public PyTorch: no torch.compile call, the input untouched unless the
+    activation was in place, the result equal to the textbook formula bit for bit."""
+    import fxsparse.ops as ops
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the default eager path compiled something")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    assert ops.eager_kernel() == "plain"
+    torch.manual_seed(0)
+    mean, std, alpha = torch.randn(8), torch.rand(8) + 0.1, torch.tensor(0.4)
+    for x in (torch.randn(4, 8, 33, 35), torch.randn(4, 8, 33, 35).to(memory_format=torch.channels_last)):
+        expected = ops._band(x, mean.view(1, -1, 1, 1), (alpha * std).view(1, -1, 1, 1))
+        with torch.no_grad():
+            before = x.clone()
+            y = ops.mean_sparse(x, mean, std, alpha, 1)
+            assert y is not x and torch.equal(x, before) and torch.equal(y, expected) and y.stride() == x.stride()
+            y = ops.mean_sparse(x, mean, std, alpha, 1, inplace=True)
+            assert y is x and torch.equal(x, expected)
+
+
+def _fused(monkeypatch):
+    import fxsparse.ops as ops
+
+    monkeypatch.setattr(ops, "_eager_kernel", "fused")
+    return ops
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,dim,channels_last", [((2, 8, 9, 7), 1, False), ((2, 8, 9, 7), 1, True),
                                                      ((3, 11, 16), 2, False), ((5, 12), 1, False),
                                                      ((1, 6, 5, 1), 1, False)])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_fused_eager_kernel_equals_plain_ops(monkeypatch, shape, dim, channels_last, inplace):
-    """In inference, inputs above FUSED_MIN_ELEMENTS take one compiled kernel in eager mode: the plain ops'
-    bits and strides, in place too. With autograd on, the plain ops run (and give the gradients)."""
+    """With set_eager_kernel("fused"), inference inputs above FUSED_MIN_ELEMENTS take one compiled kernel:
+    the plain ops' bits and strides, in place too."""
     import fxsparse.ops as ops
 
     torch.manual_seed(0)
@@ -154,24 +184,95 @@ def test_fused_eager_kernel_equals_plain_ops(monkeypatch, shape, dim, channels_l
     mean, std = torch.randn(shape[dim]), torch.rand(shape[dim]) + 0.1
     monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
     results = []
-    for fused in (True, False):
-        monkeypatch.setattr(ops, "FUSED_EAGER", fused)
-        compiled_before = len(ops._fused_band.keys)
+    for kind in ("fused", "plain"):
+        monkeypatch.setattr(ops, "_eager_kernel", kind)
         xi = x.clone()
         y = ops.mean_sparse(xi, mean, std, torch.tensor(0.4), dim, inplace=inplace)
         assert (y is xi) == inplace
         results.append((y, y.stride()))
-        if fused:  # the kernel for this (dtype, device, size-1 pattern, inplace) exists now
-            assert ops.FUSED_EAGER and len(ops._fused_band.keys) >= compiled_before
+        if kind == "fused":  # the kernel for this (dtype, device, size-1 pattern, inplace) exists and works
             assert any(k[0] == x.dtype and k[-1] == inplace for k in ops._fused_band.keys)
+            assert not ops._fused_failed
         assert torch.equal(ops.mean_sparse(x.clone(), mean, std, torch.tensor(0.0), dim, inplace=inplace), x)
     (y1, s1), (y2, s2) = results
     assert torch.equal(y1, y2) and s1 == s2 == x.stride()
 
 
-def test_fused_eager_kernel_is_skipped_under_autograd_and_low_precision(monkeypatch):
+@pytest.mark.slow
+@given(st.data())
+def test_fused_kernel_property_above_threshold(data):
+    """Property: above the size threshold, contiguous or channels-last, any alpha (0 included, with NaN, -0.0
+    and inf in the input), the fused kernel returns the plain ops' bits."""
     import fxsparse.ops as ops
+    channels = data.draw(st.integers(1, 24))
+    n = data.draw(st.integers(1, 3))
+    h, w = data.draw(st.integers(2, 40)), data.draw(st.integers(2, 40))
+    if n * channels * h * w < ops.FUSED_MIN_ELEMENTS:
+        n = -(-ops.FUSED_MIN_ELEMENTS // (channels * h * w))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = (torch.randn(n, channels, h, w, generator=gen) * 2).to(dtype)
+    x.view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("inf")], dtype=dtype)
+    if data.draw(st.booleans()):
+        x = x.to(memory_format=torch.channels_last)
+    mean, std = torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.1
+    alpha = torch.tensor(data.draw(st.sampled_from([0.0, 0.1, 0.5, 2.0])))
+    inplace = data.draw(st.booleans())
+    with torch.no_grad():
+        try:
+            ops.set_eager_kernel("fused")
+            assert ops._use_fused(x)
+            y = ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=inplace)
+        finally:
+            ops.set_eager_kernel("plain")
+        expected = ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=inplace)
+    assert not ops._fused_failed
+    assert torch.equal(_bits(y), _bits(expected)) and y.stride() == x.stride()
+    if float(alpha) == 0:
+        assert torch.equal(_bits(y), _bits(x))
 
+
+def test_fused_kernel_failure_falls_back_per_pattern_with_a_warning(monkeypatch):
+    """A kernel that fails is dropped for its pattern only, with a FusedKernelWarning; an in-place kernel fails
+    first on a scratch copy (the input stays whole), and a failure on the input itself is an error, never a
+    retry on a half-written tensor."""
+    import fxsparse
+
+    ops = _fused(monkeypatch)
+    monkeypatch.setattr(ops, "_fused_failed", set())
+    monkeypatch.setattr(ops, "_fused_proven", set())
+    calls = []
+
+    def broken(key):
+        def kernel(x3, *state):
+            calls.append(key)
+            raise RuntimeError("no C++ compiler")
+        return kernel
+
+    monkeypatch.setattr(ops, "_fused_band", broken)
+    mean, std, alpha = torch.zeros(4), torch.ones(4), torch.tensor(0.5)
+    x = torch.randn(64, 4, 64)
+    with torch.no_grad():
+        for inplace in (False, True):
+            xi = x.clone()
+            with pytest.warns(ops.FusedKernelWarning, match="plain ops"):
+                y = ops.mean_sparse(xi, mean, std, alpha, 1, inplace=inplace)
+            assert torch.equal(y, torch.where(x.abs() < 0.5, 0.0, x)) and (y is xi) == inplace
+            n = len(calls)
+            ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=inplace)  # dropped: not tried again
+            assert len(calls) == n
+        assert len(ops._fused_failed) == 2
+        monkeypatch.setattr(ops, "_fused_failed", set())
+        proven = (torch.float32, x.device, (False, False, False), True)
+        ops._fused_proven.add(proven)
+        with pytest.raises(fxsparse.FxsparseError, match="half-written"):
+            ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=True)
+    with pytest.raises(fxsparse.SelectionError, match="unknown eager kernel"):
+        fxsparse.set_eager_kernel("fastest")
+
+
+def test_fused_eager_kernel_is_skipped_under_autograd_and_low_precision(monkeypatch):
+    ops = _fused(monkeypatch)
     monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
     x = torch.randn(2, 3, 4)
     assert ops._use_fused(x)
@@ -186,11 +287,11 @@ def test_fused_eager_kernel_is_skipped_under_autograd_and_low_precision(monkeypa
     assert torch.equal(xg.grad, (x.abs() >= 0.5).float())  # zero gradient inside the band
 
 
+@pytest.mark.slow
 def test_fused_eager_kernels_never_hit_the_recompile_limit(monkeypatch):
     """One compiled kernel per (dtype, size-1 pattern, inplace), dynamic in the sizes: many shapes, ranks and
     layouts in one process keep using it (a shared kernel used to fall back after 8 recompiles)."""
-    import fxsparse.ops as ops
-
+    ops = _fused(monkeypatch)
     monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
     before = set(ops._fused_band.keys)
     gen = torch.Generator().manual_seed(1)
@@ -200,8 +301,8 @@ def test_fused_eager_kernels_never_hit_the_recompile_limit(monkeypatch):
         c = x.shape[1]
         mean, std = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.1
         y = ops.mean_sparse(x, mean, std, torch.tensor(0.3), 1)
-        monkeypatch.setattr(ops, "FUSED_EAGER", False)
+        monkeypatch.setattr(ops, "_eager_kernel", "plain")
         assert torch.equal(y, ops.mean_sparse(x, mean, std, torch.tensor(0.3), 1))
-        monkeypatch.setattr(ops, "FUSED_EAGER", True)
-    assert ops.FUSED_EAGER  # no compile failure switched it off
+        monkeypatch.setattr(ops, "_eager_kernel", "fused")
+    assert not ops._fused_failed  # no compile failure dropped a kernel
     assert len(set(ops._fused_band.keys) - before) <= 8  # float32, not in place: at most 2^3 size-1 patterns
