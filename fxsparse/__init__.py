@@ -11,8 +11,9 @@ bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
                                            ones (passes/composites.py), selected
     place      passes/placement.py         policies beyond "before every activation": residual joins, MLP
                                            outputs, presets for ConvNeXt and Swin
-    splice     passes/splice.py            a MeanSparse before each site, on the channel axis from
-                                           passes/channel_axis.py
+    layout     passes/layout.py            every tensor's channel axis (or unknown), one forward pass
+    splice     passes/splice.py            a MeanSparse before each site, on the channel axis the layout
+                                           proves (LayoutWarning where it cannot)
     prepare    fxsparse/api.py             capture + place + splice; sparsify = prepare + calibrate + alpha
     calibrate  fxsparse/calibrate.py       exact per-channel mean/std of each site's input over data
                                            (fxsparse/stats.py; checkpoints: fxsparse/checkpoint.py; across
@@ -32,8 +33,8 @@ Graph meta keys live in fxsparse/_meta.py; helpers shared across layers in fxspa
 """
 from __future__ import annotations
 
-from fxsparse.errors import (CalibrationError, CaptureError, FxsparseError, NoActivationWarning, PersistenceError,
-                             SelectionError)
+from fxsparse.errors import (CalibrationError, CaptureError, FxsparseError, LayoutWarning, NoActivationWarning,
+                             PersistenceError, SelectionError)
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
 from fxsparse.passes.locate import Selection, Site, locate
@@ -55,6 +56,6 @@ __all__ = [
     "sparsify", "prepare", "calibrate", "set_alpha", "audit", "straight_through", "register_activation",
     "MeanSparse", "meansparse_ops", "FxsparseError", "CaptureError", "CalibrationError", "SelectionError",
     "Selection", "Site", "Audit", "SiteRecord", "ActivationKind", "activation_kinds", "capture", "locate", "splice",
-    "backend", "MeanSparseBackend", "statistics", "save", "load", "PersistenceError", "NoActivationWarning",
+    "backend", "MeanSparseBackend", "statistics", "save", "load", "PersistenceError", "NoActivationWarning", "LayoutWarning",
     "evaluate", "Evaluation", "search_alpha", "SearchResult", "place", "PRESETS", "residual_joins",
 ]

@@ -39,6 +39,7 @@ def prepare(
     *,
     capture: str = "auto",
     placement: Union[None, str, Sequence[str]] = None,
+    channel_dims: Optional[Mapping[str, int]] = None,
 ) -> fx.GraphModule:
     """Capture `model` and splice an uncalibrated MeanSparse (alpha = 0) in front of every selected activation.
 
@@ -50,14 +51,18 @@ def prepare(
         capture: "auto" (FX, falling back to torch.export; see fxsparse.capture), "fx" or "export".
         placement: where operators go (passes/placement.py): "activations" (default), "residual",
             "residual_branch", "mlp_out", a preset ("convnext", "swin"), or a list of them.
+        channel_dims: {site name or module-path glob: channel axis}, for sites whose axis the layout analysis
+            cannot prove (fxsparse warns with a LayoutWarning naming them); it wins over the analysis.
     """
     if not isinstance(model, nn.Module):
         raise FxsparseError(f"fxsparse works on torch.nn.Module objects, got {type(model).__name__}")
     inputs = as_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
     gm = capture_model(model, inputs, capture)  # graph + shapes, checked by running it on fake inputs
     sites = place(gm, select, placement)
-    gm = splice(gm, sites)
+    gm = splice(gm, sites, channel_dims)
     gm.meta[PREPARE_META] = prepare_record(select, inputs, capture)  # what fxsparse.load needs to redo this
+    if channel_dims:
+        gm.meta[PREPARE_META]["channel_dims"] = {str(k): int(v) for k, v in channel_dims.items()}
     if placement is not None:
         gm.meta[PREPARE_META]["placement"] = list(resolve_placement(placement))
     if not sites:
@@ -90,13 +95,14 @@ def sparsify(
     example_inputs=None,
     capture: str = "auto",
     placement: Union[None, str, Sequence[str]] = None,
+    channel_dims: Optional[Mapping[str, int]] = None,
     max_batches: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> fx.GraphModule:
     """One call: capture, locate, splice, calibrate on `data`, set `alpha`. The user's model is untouched."""
     if example_inputs is None:
         example_inputs, data = _first_inputs(data)
-    gm = prepare(model, example_inputs, select, capture=capture, placement=placement)
+    gm = prepare(model, example_inputs, select, capture=capture, placement=placement, channel_dims=channel_dims)
     if not meansparse_ops(gm):  # prepare has warned: nothing to calibrate
         return gm
     calibrate(gm, data, max_batches=max_batches, progress=progress)

@@ -23,3 +23,8 @@ class PersistenceError(FxsparseError):
 
 class NoActivationWarning(UserWarning):
     """The model has no selected activation: fxsparse leaves it unchanged rather than failing."""
+
+
+class LayoutWarning(UserWarning):
+    """fxsparse could not prove a site's channel axis and used a default (or found one that contradicts a
+    declared channel count): the message names the sites and the fix, `channel_dims={site: dim}`."""
