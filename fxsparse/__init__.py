@@ -21,6 +21,7 @@ bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
     controls   fxsparse/controls.py        set_alpha, straight_through
     audit      fxsparse/audit.py           one record per site: Markdown, JSON, networkx
     files      fxsparse/persist.py         save / load (safetensors + JSON header, fxsparse/safefile.py)
+    authors    fxsparse/authors.py         from_meansparse: the authors' published statistics, site by site
 
 Around the pipeline, one subpackage per concern:
 
@@ -46,6 +47,7 @@ from fxsparse.controls import set_alpha, straight_through
 from fxsparse.audit import Audit, SiteRecord, audit
 from fxsparse.api import prepare, sparsify
 from fxsparse.persist import load, save
+from fxsparse.authors import from_meansparse
 from fxsparse.compile.backend import MeanSparseBackend, backend, statistics
 from fxsparse.robust.evaluation import Evaluation, evaluate
 from fxsparse.robust.search import SearchResult, search_alpha
@@ -58,4 +60,5 @@ __all__ = [
     "Selection", "Site", "Audit", "SiteRecord", "ActivationKind", "activation_kinds", "capture", "locate", "splice",
     "backend", "MeanSparseBackend", "statistics", "save", "load", "PersistenceError", "NoActivationWarning", "LayoutWarning",
     "evaluate", "Evaluation", "search_alpha", "SearchResult", "place", "PRESETS", "residual_joins",
+    "from_meansparse",
 ]
