@@ -90,8 +90,8 @@ FIRST_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_
              "conv_transpose3d", "batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
              "_native_batch_norm_legit", "_native_batch_norm_legit_functional", "cudnn_batch_norm", "group_norm",
              "native_group_norm", "instance_norm", "mkldnn_convolution"}
-LAST_OPS = {"linear", "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "matmul", "mm", "bmm",
-            "addmm", "baddbmm"}
+LAST_OPS = {"linear", "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "addmm", "baddbmm"}
+MATMUL_OPS = {"matmul", "mm", "bmm"}  # by a weight: the last dim; between activations: see _Analysis.matmul
 NORM_OPS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
             "_native_batch_norm_legit_functional", "cudnn_batch_norm", "group_norm", "native_group_norm",
             "instance_norm", "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
@@ -144,7 +144,7 @@ def producer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
         name = _base(node)
         if name in FIRST_OPS:
             return "first"
-        if name in LAST_OPS or node.target is operator.matmul:
+        if name in LAST_OPS:
             return "last"
     return None
 
@@ -159,11 +159,51 @@ def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and _base(node) in NORM_OPS
 
 
+_CONV_GROUPS = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8, "_convolution": 8}
+_NORM_WEIGHT = {"batch_norm": 1, "native_batch_norm": 1, "_native_batch_norm_legit_no_training": 1,
+                "_native_batch_norm_legit": 1, "group_norm": 2, "native_group_norm": 1, "instance_norm": 1}
+
+
+def _weight_shape(node: fx.Node, index: int) -> Optional[Tuple[int, ...]]:
+    arg = node.args[index] if len(node.args) > index else None
+    return node_shape(arg) if isinstance(arg, fx.Node) else None
+
+
+def _declared_by_function(node: fx.Node, side: str) -> Optional[Tuple[int, str]]:
+    """Counts that a function's weight arguments fix (torch.export graphs, F.conv2d(x, self.weight), ...)."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[1] == 0:
+        return _declared_by_function(node.args[0], side) if side == "out" else None
+    name = _base(node)
+    if name in _CONV_GROUPS or name == "linear":
+        w = _weight_shape(node, 1)
+        if not w or len(w) < 2:
+            return None
+        if name == "linear":
+            count = w[0] if side == "out" else w[1]
+        else:
+            if len(node.args) > 6 and name in ("convolution", "_convolution") and node.args[6]:
+                return None  # transposed convolution
+            groups = node.args[_CONV_GROUPS[name]] if len(node.args) > _CONV_GROUPS[name] else 1
+            count = w[0] if side == "out" else w[1] * (groups if isinstance(groups, int) else 1)
+        return count, f"{name} {node.name} weight {tuple(w)}"
+    if name in _NORM_WEIGHT:
+        w = _weight_shape(node, _NORM_WEIGHT[name])
+        if w and len(w) == 1:
+            return w[0], f"{name} {node.name} weight {tuple(w)}"
+    if name in ("layer_norm", "native_layer_norm"):
+        ns = _ints(node.args[1]) if len(node.args) > 1 else None
+        if ns and len(ns) == 1:
+            return ns[0], f"{name} {node.name} normalized_shape={tuple(ns)}"
+    return None
+
+
 def declared_out(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[int, str]]:
-    """(channel count, what declares it) from the parameters of the module that produced `node`."""
+    """(channel count, what declares it) from the parameters of the module or function that produced `node`."""
     mod = _module(gm, node)
     if mod is None:
-        return None
+        return _declared_by_function(node, "out")
     for attr in ("out_channels", "out_features", "num_features", "num_channels", "embed_dim"):
         value = getattr(mod, attr, None)
         if isinstance(value, int):
@@ -177,7 +217,7 @@ def declared_out(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[int, str]]
 def declared_in(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[int, str]]:
     mod = _module(gm, node)
     if mod is None:
-        return None
+        return _declared_by_function(node, "in")
     for attr in ("in_channels", "in_features", "num_features", "num_channels"):
         value = getattr(mod, attr, None)
         if isinstance(value, int):
@@ -241,14 +281,16 @@ class _Analysis:
         if node.op == "output":
             return UNKNOWN
         inputs = node.all_input_nodes
-        if all(self.fact(a).const for a in inputs):
-            return Layout(None, "constant", const=True)  # parameters reshaped, torch.ones(...), ...
+        if all(self.fact(a).const for a in inputs if self.carries_tensors(a)):
+            return Layout(None, "constant", const=True)  # parameters reshaped or resized, torch.ones(...), ...
         side = producer(gm, node)
         if side is not None and shape is not None:
             what = type(_module(gm, node)).__name__ if node.op == "call_module" else _base(node)
             where = f" {node.target}" if node.op == "call_module" else ""
             return Layout((1 if len(shape) > 1 else 0) if side == "first" else len(shape) - 1, f"{what}{where}")
         name = _base(node)
+        if name in MATMUL_OPS:
+            return self.matmul(node)
         if node.op == "call_function" and node.target is operator.getitem:
             return self.getitem(node)
         if _module(gm, node) is not None and isinstance(_module(gm, node), RESHAPE_MODULES) or name in RESHAPE_OPS:
@@ -275,6 +317,15 @@ class _Analysis:
             return UNKNOWN if fact.dim is None else fact.moved(None, name or str(node.target))
         return UNKNOWN
 
+    def carries_tensors(self, node: fx.Node) -> bool:
+        """Whether `node` is a tensor or a tuple of tensors (not a size, an int, a shape)."""
+        if node_shape(node) is not None:
+            return True
+        val = node.meta.get("val")
+        if val is not None:
+            return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
+        return node.op in ("call_module", "placeholder") or _base(node) in SPLIT_OPS or producer(self.gm, node) is not None
+
     def combine(self, node: fx.Node) -> Layout:
         """Elementwise ops with broadcasting: operands vote with their channel axis, aligned to the right, when
         they are not constants and do not broadcast along it."""
@@ -295,6 +346,25 @@ class _Analysis:
             rules = "; ".join(f"dim {d} from {f.rule}" for d, f in votes.items())
             return Layout(None, f"operands disagree ({rules})")
         return UNKNOWN
+
+    def matmul(self, node: fx.Node) -> Layout:
+        """a @ W (a weight): the last dim. a @ b (two activations): the output's last axis is b's last, its
+        second-to-last is a's second-to-last; the axis holding a channel fact there keeps it."""
+        shape = node_shape(node)
+        tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if shape is None or len(tensors) != 2:
+            return UNKNOWN
+        a, b = tensors
+        if self.fact(b).const:
+            return Layout(len(shape) - 1, f"{_base(node)} {node.name} by a weight")
+        votes = {}
+        fa, fb = self.fact(a), self.fact(b)
+        sa, sb = node_shape(a), node_shape(b)
+        if fb.dim is not None and sb and len(sb) >= 2 and fb.dim == len(sb) - 1:
+            votes[len(shape) - 1] = fb.moved(len(shape) - 1, "matmul")
+        if fa.dim is not None and sa and len(sa) >= 2 and fa.dim == len(sa) - 2 and len(shape) >= 2:
+            votes[len(shape) - 2] = fa.moved(len(shape) - 2, "matmul")
+        return next(iter(votes.values())) if len(votes) == 1 else UNKNOWN
 
     def getitem(self, node: fx.Node) -> Layout:
         src, index = node.args[0], node.args[1]

@@ -82,7 +82,7 @@ class Site:
     source: Optional[fx.Node] = None  # composite activations: their shared input x ...
     consumers: Optional[List[fx.Node]] = None  # ... and the pattern nodes that read x
     policy: str = "activations"  # the placement policy that chose the site (passes/placement.py)
-    axis: Optional[Tuple[int, str]] = None  # (channel dim, rule) when the placement pass already knows it
+    axis: Optional[Tuple[int, str]] = None  # (channel dim, rule): a hint for when the source's layout is unknown
 
 
 def _bound_inplace(fn, node: fx.Node) -> bool:

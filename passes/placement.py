@@ -127,6 +127,8 @@ def residual_joins(gm: fx.GraphModule) -> List[Join]:
             continue
         if any(node_shape(a) != shape for a in operands):
             continue
+        if layout_of(gm, node).const:  # a sum of parameters (position embeddings resized to the input)
+            continue
         a, b = operands
         anc = {a: _ancestors(a), b: _ancestors(b)}
         join = None

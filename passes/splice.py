@@ -69,6 +69,24 @@ def _make_op(site: Site, shape, decision: Decision, device) -> MeanSparse:
     return op
 
 
+def decide_site(gm: fx.GraphModule, site: Site, override=None) -> Decision:
+    """The channel axis the operator of `site` will get (passes/layout.py), without splicing it."""
+    if site.inner is not None:
+        shape = site.node.meta.get(INNER_META, {}).get(site.inner)
+        if shape is None:
+            raise FxsparseError(f"the activation {site.inner!r} inside {site.node.target!r} did not run during "
+                                "shape propagation; pass example_inputs that exercise it, or exclude the site")
+        if override is not None:
+            return Decision(override[0] % len(shape), override[1])
+        return decide_inner(gm.get_submodule(site.node.target), site.inner, shape,
+                            f"inside {type(gm.get_submodule(site.node.target)).__name__}")
+    inp = site.source if site.source is not None else _activation_input(site.node)
+    shape = node_shape(inp)
+    if shape is None:
+        raise FxsparseError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
+    return decide(gm, inp, shape, consumers=site.consumers or [site.node], hint=site.axis, override=override)
+
+
 def _splice_graph_site(gm: fx.GraphModule, site: Site, device, override) -> Decision:
     act = site.node
     inp = site.source if site.source is not None else _activation_input(act)

@@ -165,6 +165,22 @@ def test_unknown_axis_is_decided_by_declared_counts_or_warned_and_overridable():
         fxsparse.prepare(Tokens(False), x, channel_dims={"nothing": 1})
 
 
+@register_notrace_module
+class LeafLayerNorm2d(nn.LayerNorm):
+    """A LayerNorm subclass over the channels of NCHW input, kept as a leaf: the table says "last dim"."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_an_axis_that_contradicts_the_declared_count_is_reported():
+    model = nn.Sequential(nn.Conv2d(3, C, 1), LeafLayerNorm2d(C), nn.ReLU()).eval()
+    with pytest.warns(fxsparse.LayoutWarning, match=r"contradicts LeafLayerNorm2d 1.normalized_shape=\(12,\)"):
+        gm = fxsparse.prepare(model, torch.randn(B, 3, H, W), capture="fx")
+    gm = _prepare_strict(model, torch.randn(B, 3, H, W), capture="fx", channel_dims={"2": 1})
+    assert [(r.dim, r.channels) for r in fxsparse.audit(gm)] == [(1, C)]
+
+
 def test_two_dim_features_need_no_rule():
     gm = _prepare_strict(nn.Sequential(nn.ReLU()), torch.randn(B, 9))
     assert [(r.dim, r.channels, r.axis_rule) for r in fxsparse.audit(gm)] == [(1, 9, "the only non-batch axis")]
