@@ -151,8 +151,15 @@ def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
     """Whether a branch uses weights (a module with parameters, a get_attr, or an export graph's lifted
     parameter): x + 0.044715 * x ** 3 inside a tanh GELU is arithmetic, not a residual branch."""
     for n in nodes:
-        if n.op in ("get_attr", "placeholder"):
+        if n.op == "placeholder":
             return True
+        if n.op == "get_attr":  # a parameter; buffers (rotary cos/sin tables) are not learned weights
+            try:
+                if isinstance(gm.get_parameter(n.target), nn.Parameter):
+                    return True
+            except AttributeError:
+                pass
+            continue
         mod = _module(gm, n)
         if mod is not None and next(mod.parameters(), None) is not None:
             return True
