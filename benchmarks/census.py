@@ -14,6 +14,9 @@ resumable (rows already in the CSV are skipped), with a progress bar.
 
     python benchmarks/census.py --workers 2 --out benchmarks/census.csv
     python benchmarks/census.py --summary benchmarks/census.csv     # Markdown summary of a CSV
+    python benchmarks/census.py --layout --sample 100 --out benchmarks/layout.csv
+        # layout mode: per timm model (meta device) and placement policy, how many sites got a default
+        # channel axis (the goal is none), and which
 """
 from __future__ import annotations
 
@@ -309,6 +312,93 @@ def summarize(path):
     return "\n".join(lines)
 
 
+LAYOUT_POLICIES = ("activations", "residual", "residual_branch", "mlp_out")
+LAYOUT_FIELDS = ["model", "family", "policy", "status", "sites", "defaults", "warned", "default_sites", "error",
+                 "seconds"]
+
+
+def layout_rows(name, timeout):
+    """Rows for one timm model: per placement policy, sites and sites whose channel axis is a default."""
+    import torch
+
+    import fxsparse
+    from fxsparse.passes.splice import decide_site
+
+    rows = []
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(timeout))
+    try:
+        model = build("timm", name, "meta")
+        x = torch.randn(*input_shape(model), device="meta")
+        gm = fxsparse.capture(model, (x,))
+        for policy in LAYOUT_POLICIES:
+            t0 = time.time()
+            row = dict(model=name, family=family("timm", name), policy=policy, status="ok")
+            try:
+                sites = fxsparse.place(gm, None, policy)
+                decisions = [decide_site(gm, site) for site in sites]
+                defaults = [f"{s.name}({d.rule})" for s, d in zip(sites, decisions) if d.default]
+                row.update(sites=len(sites), defaults=len(defaults), default_sites=" ".join(defaults[:3]),
+                           warned=sum(d.problem is not None for d in decisions))
+            except Exception as exc:
+                row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            row["seconds"] = round(time.time() - t0, 2)
+            rows.append(row)
+    except Timeout:
+        rows.append(dict(model=name, policy="*", status="timeout"))
+    except Exception as exc:
+        rows.append(dict(model=name, policy="*", status="error",
+                         error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"))
+    finally:
+        signal.alarm(0)
+    return rows
+
+
+def run_layout(args):
+    import random
+
+    import timm
+
+    names = timm.list_models(args.filter or "*")
+    if args.sample:
+        names = sorted(random.Random(0).sample(names, min(args.sample, len(names))))
+    if args.limit:
+        names = names[:args.limit]
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, LAYOUT_FIELDS)
+        writer.writeheader()
+        for i, name in enumerate(names):
+            for row in layout_rows(name, args.timeout):
+                writer.writerow(row)
+            f.flush()
+            print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr, flush=True)
+    print(summarize_layout(args.out))
+
+
+def summarize_layout(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    models = {r["model"] for r in rows}
+    failed = {r["model"] for r in rows if r["status"] != "ok"}
+    lines = [f"{len(models)} timm models (meta device), {len(failed)} not examined in full", "",
+             "| policy | models | sites | default axes | models with a default | warned sites |", "|---|---|---|---|---|---|"]
+    for policy in LAYOUT_POLICIES:
+        ok = [r for r in rows if r["policy"] == policy and r["status"] == "ok"]
+        sites = sum(int(r["sites"]) for r in ok)
+        defaults = sum(int(r["defaults"]) for r in ok)
+        with_default = sorted({r["model"] for r in ok if int(r["defaults"])})
+        warned = sum(int(r["warned"]) for r in ok)
+        lines.append(f"| {policy} | {len(ok)} | {sites} | {defaults} | {len(with_default)} | {warned} |")
+    listed = sorted({(r["model"], r["policy"], r["default_sites"]) for r in rows
+                     if r["status"] == "ok" and int(r["defaults"] or 0)})
+    if listed:
+        lines += ["", "Defaults (first sites):"] + [f"- {m} / {p}: {s}" for m, p, s in listed[:40]]
+    errors = sorted({(r["model"], r["error"]) for r in rows if r["status"] != "ok"})
+    if errors:
+        lines += ["", "Not examined:"] + [f"- {m}: {e}" for m, e in errors[:20]]
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/census.csv")
@@ -326,7 +416,16 @@ def main():
     parser.add_argument("--limit", type=int)
     parser.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
     parser.add_argument("--summary", metavar="CSV", help="print the Markdown summary of a census CSV and exit")
+    parser.add_argument("--layout", action="store_true",
+                        help="layout mode: default channel-axis decisions per timm model and placement policy")
+    parser.add_argument("--sample", type=int, help="layout mode: a seeded random sample of this many models")
     args = parser.parse_args()
+    if args.layout:
+        if args.summary:
+            print(summarize_layout(args.summary))
+        else:
+            run_layout(args)
+        return
     if args.summary:
         print(summarize(args.summary))
         return

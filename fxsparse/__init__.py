@@ -11,8 +11,9 @@ bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
                                            ones (passes/composites.py), selected
     place      passes/placement.py         policies beyond "before every activation": residual joins, MLP
                                            outputs, presets for ConvNeXt and Swin
-    splice     passes/splice.py            a MeanSparse before each site, on the channel axis from
-                                           passes/channel_axis.py
+    layout     passes/layout.py            every tensor's channel axis (or unknown), one forward pass
+    splice     passes/splice.py            a MeanSparse before each site, on the channel axis the layout
+                                           proves (LayoutWarning where it cannot)
     prepare    fxsparse/api.py             capture + place + splice; sparsify = prepare + calibrate + alpha
     calibrate  fxsparse/calibrate.py       exact per-channel mean/std of each site's input over data
                                            (fxsparse/stats.py; checkpoints: fxsparse/checkpoint.py; across
@@ -20,6 +21,7 @@ bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
     controls   fxsparse/controls.py        set_alpha, straight_through
     audit      fxsparse/audit.py           one record per site: Markdown, JSON, networkx
     files      fxsparse/persist.py         save / load (safetensors + JSON header, fxsparse/safefile.py)
+    authors    fxsparse/authors.py         from_meansparse: the authors' published statistics, site by site
 
 Around the pipeline, one subpackage per concern:
 
@@ -33,8 +35,8 @@ Graph meta keys live in fxsparse/_meta.py; helpers shared across layers in fxspa
 from __future__ import annotations
 
 from fxsparse.errors import (BackendError, CalibrationError, CaptureError, FxsparseError, FxsparseTypeError,
-                             FxsparseValueError, InputRangeError, MissingDependencyError, NoActivationWarning,
-                             PersistenceError, SearchWarning, SelectionError)
+                             FxsparseValueError, InputRangeError, LayoutWarning, MissingDependencyError,
+                             NoActivationWarning, PersistenceError, SearchWarning, SelectionError)
 from fxsparse.ops import MeanSparse, eager_kernel, meansparse_ops, set_eager_kernel
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
 from fxsparse.passes.locate import Selection, Site, locate
@@ -46,6 +48,7 @@ from fxsparse.controls import set_alpha, straight_through
 from fxsparse.audit import Audit, SiteRecord, audit
 from fxsparse.api import prepare, sparsify
 from fxsparse.persist import load, save
+from fxsparse.authors import from_meansparse
 from fxsparse.compile.backend import MeanSparseBackend, backend, statistics
 from fxsparse.normalization import normalization_of, with_normalization
 from fxsparse.robust.compare import Comparison, compare
@@ -61,5 +64,6 @@ __all__ = [
     "FxsparseValueError", "FxsparseTypeError", "InputRangeError", "BackendError", "MissingDependencyError", "SearchWarning",
     "Selection", "Site", "Audit", "SiteRecord", "ActivationKind", "activation_kinds", "capture", "locate", "splice",
     "backend", "MeanSparseBackend", "statistics", "save", "load", "PersistenceError", "NoActivationWarning",
-    "evaluate", "Evaluation", "compare", "Comparison", "with_normalization", "normalization_of", "search_alpha", "SearchResult", "place", "PRESETS", "residual_joins",
+    "LayoutWarning", "evaluate", "Evaluation", "compare", "Comparison", "with_normalization", "normalization_of",
+    "search_alpha", "SearchResult", "place", "PRESETS", "residual_joins", "from_meansparse",
 ]

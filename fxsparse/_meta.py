@@ -6,6 +6,7 @@ Node keys:
     SHAPE_META              the node's output shape, from shape propagation
     INNER_META              opaque-leaf nodes: {activation path inside the leaf: its input shape}
     SITE_META               MeanSparse nodes: the site name the operator serves
+    LAYOUT_META             the node's channel axis and its provenance (passes/layout.py: Layout)
 
 GraphModule keys:
     CAPTURE_META            the CaptureReport: which capture path was taken and why
@@ -17,6 +18,7 @@ ACTIVATION_MODULE_META = "fxsparse_activation_module"
 SHAPE_META = "fxsparse_shape"
 INNER_META = "fxsparse_inner_shapes"
 SITE_META = "fxsparse_site"
+LAYOUT_META = "fxsparse_layout"
 
 CAPTURE_META = "fxsparse_capture"
 SHAPES_META = "fxsparse_shapes"

@@ -55,6 +55,7 @@ def prepare(
     capture: str = "auto",
     placement: Union[None, str, Sequence[str]] = None,
     submodule: Optional[str] = None,
+    channel_dims: Optional[Mapping[str, int]] = None,
 ) -> nn.Module:
     """Capture `model` and splice an uncalibrated MeanSparse (alpha = 0) in front of every selected activation.
 
@@ -71,14 +72,18 @@ def prepare(
         submodule: sparsify only this part (a module path such as "backbone"); `example_inputs` are then the
             whole model's inputs, and a copy of the whole model is returned with the part replaced.
 
+        channel_dims: {site name or module-path glob: channel axis}, for sites whose axis the layout analysis
+            cannot prove (fxsparse warns with a LayoutWarning naming them); it wins over the analysis.
+
     Returns a GraphModule, or with `submodule` a copy of `model` holding one.
     """
     _check_module(model)
     if submodule is not None:
         call = as_call(example_inputs) if example_inputs is not None else as_call(default_example_inputs(model))
-        return _prepare_part(model, submodule, lambda m: m(*call.args, **call.kwargs), select, capture, placement)
+        return _prepare_part(model, submodule, lambda m: m(*call.args, **call.kwargs), select, capture, placement,
+                             channel_dims)
     call = as_call(example_inputs) if example_inputs is not None else as_call(default_example_inputs(model))
-    return _prepare_graph(model, call, select, capture, placement, stacklevel=3)
+    return _prepare_graph(model, call, select, capture, placement, channel_dims, stacklevel=3)
 
 
 def _check_module(model) -> None:
@@ -87,12 +92,15 @@ def _check_module(model) -> None:
                                 "model first (e.g. timm.create_model(name)) and pass it")
 
 
-def _prepare_graph(model: nn.Module, call: Call, select, capture: str, placement, stacklevel: int = 3
+def _prepare_graph(model: nn.Module, call: Call, select, capture: str, placement, channel_dims=None,
+                   stacklevel: int = 3
                    ) -> fx.GraphModule:
     gm = capture_model(model, call, capture)  # graph + shapes, checked by running it on fake inputs
     sites = place(gm, select, placement)
-    gm = splice(gm, sites)
+    gm = splice(gm, sites, channel_dims)
     gm.meta[PREPARE_META] = prepare_record(select, call, capture, model)  # what fxsparse.load needs to redo this
+    if channel_dims:
+        gm.meta[PREPARE_META]["channel_dims"] = {str(k): int(v) for k, v in channel_dims.items()}
     if placement is not None:
         gm.meta[PREPARE_META]["placement"] = list(resolve_placement(placement))
     if not sites:
@@ -154,20 +162,21 @@ def record_calls(model: nn.Module, part: nn.Module, run: Callable[[nn.Module], A
     return seen["part"], seen.get("model", seen["part"])
 
 
-def _prepare_part(model: nn.Module, path: str, run: Callable[[nn.Module], Any], select, capture, placement
-                  ) -> nn.Module:
+def _prepare_part(model: nn.Module, path: str, run: Callable[[nn.Module], Any], select, capture, placement,
+                  channel_dims=None) -> nn.Module:
     whole = copy_model(model)
     part = _submodule(whole, path)
     part_call, model_call = record_calls(whole, part, run)
-    return splice_part(whole, path, part_call, call_record(model_call, model), select, capture, placement)
+    return splice_part(whole, path, part_call, call_record(model_call, model), select, capture, placement,
+                       channel_dims)
 
 
 def splice_part(whole: nn.Module, path: str, part_call: Call, model_inputs: Mapping[str, Any], select, capture,
-                placement) -> nn.Module:
+                placement, channel_dims=None) -> nn.Module:
     """Prepare the part of `whole` (the caller's copy) at `path` on `part_call` and put the GraphModule in its
     place; site names get the part's path as prefix ("backbone.body.layer1.0.relu")."""
     part = _submodule(whole, path)
-    gm = _prepare_graph(part, part_call, select, capture, placement, stacklevel=4)
+    gm = _prepare_graph(part, part_call, select, capture, placement, channel_dims, stacklevel=4)
     for op in meansparse_ops(gm).values():
         op.site, op.module_path = f"{path}.{op.site}", f"{path}.{op.module_path}"
     gm.meta[PREPARE_META].update(submodule=path, model_inputs=dict(model_inputs))
@@ -250,6 +259,7 @@ def sparsify(
     submodule: Optional[str] = None,
     capture: str = "auto",
     placement: Union[None, str, Sequence[str]] = None,
+    channel_dims: Optional[Mapping[str, int]] = None,
     max_batches: Optional[int] = None,
     progress: Optional[bool] = None,
 ) -> nn.Module:
@@ -273,12 +283,12 @@ def sparsify(
         call = _call_of_batch(model, first)
     if submodule is not None:
         run = (lambda m: m(*call.args, **call.kwargs)) if call is not None else forward_loop
-        gm = _prepare_part(model, submodule, run, select, capture, placement)
+        gm = _prepare_part(model, submodule, run, select, capture, placement, channel_dims)
     else:
         if call is None:  # the first call of the user's loop, on a copy
             copied = copy_model(model)
             call, _ = record_calls(copied, copied, forward_loop)
-        gm = _prepare_graph(model, call, select, capture, placement, stacklevel=3)
+        gm = _prepare_graph(model, call, select, capture, placement, channel_dims, stacklevel=3)
     if not meansparse_ops(gm):  # prepare has warned: nothing to calibrate
         return gm
     calibrate(gm, data, forward_loop=forward_loop, max_batches=max_batches, progress=progress)

@@ -41,6 +41,7 @@ class SiteRecord:
     replaced_estimated: bool = False  # `replaced` comes from calibrate's one-pass histogram (an estimate)
     policy: str = "activations"  # the placement policy that put the operator there (passes/placement.py)
     private_input: bool = False  # the input is a fresh tensor only the operator reads (passes/fresh.py)
+    axis_default: bool = False  # no rule proved the channel axis: the rank default (LayoutWarning said so)
 
 
 def _record(op: MeanSparse) -> SiteRecord:
@@ -59,6 +60,7 @@ def _record(op: MeanSparse) -> SiteRecord:
         replaced_estimated=bool(cal and op.zscore_counts is not None and getattr(op, "zscore_estimated", False)),
         policy=getattr(op, "policy", "activations"),
         private_input=getattr(op, "private_input", False),
+        axis_default=getattr(op, "axis_default", False),
     )
 
 
@@ -93,8 +95,13 @@ class Audit(List[SiteRecord]):
             cells = [_fmt(row[c]) for c in cols]
             if r.replaced is not None:
                 cells[-2] = f"{'~' if r.replaced_estimated else ''}{100 * r.replaced:.1f}%"
+            if r.axis_default:
+                cells[cols.index("axis_rule")] += " (DEFAULT: unproven)"
             lines.append("| " + " | ".join(cells) + " |")
         summary = f"{len(self)} sites"
+        defaults = sum(r.axis_default for r in self)
+        if defaults:
+            summary += f"; {defaults} channel axes are unproven defaults (set channel_dims to fix)"
         if self.capture:
             summary += f"; captured with {self.capture.get('path', '?')}"
             reasons = self.capture.get("reasons") or {}

@@ -52,3 +52,8 @@ class NoActivationWarning(UserWarning):
 
 class SearchWarning(UserWarning):
     """search_alpha's pick deserves a second look: no gain beyond noise, or the best alpha at the grid's top."""
+
+
+class LayoutWarning(UserWarning):
+    """fxsparse could not prove a site's channel axis and used a default (or found one that contradicts a
+    declared channel count): the message names the sites and the fix, `channel_dims={site: dim}`."""

@@ -2,10 +2,13 @@
 
 The file (safetensors with a JSON header, see `fxsparse/safefile.py`) holds what fxsparse adds to a model and
 nothing of the model itself: per site the buffers `mean`, `std`, `alpha`, `count` and the calibration
-histogram, and in the header the sites (kind, channel axis, channel count), the selection, placement and
-example input shapes `prepare` was given, the capture path, and the fxsparse and torch versions. `load`
-re-applies the pass to the model it is given as recorded, refuses the file if the sites differ in any way,
-and copies the state in: same model weights in, same outputs out, bit for bit.
+histogram, and in the header the sites (kind, channel axis and how it was decided, channel count), what
+`prepare` was told (selection, placement, channel_dims overrides, example input shapes), the capture path,
+and the fxsparse and torch versions. `load` re-applies the pass to the model it is given exactly as recorded,
+refuses the file if the sites differ in any way (or if a newer fxsparse wrote it), and copies the state in:
+same model weights in, same outputs out, bit for bit.
+
+Format versions: 1 (selection, placement, input shapes); 2 adds channel_dims and each site's axis_default.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from fxsparse.passes.locate import Selection
 from fxsparse.safefile import read, write
 
 FORMAT = "fxsparse-meansparse"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BUFFERS = ("mean", "std", "alpha", "count")
 CHECKED_FIELDS = ("kind", "dim", "channels")
 
@@ -41,7 +44,8 @@ def _selection(saved: Mapping[str, Any]) -> Selection:
 
 def _site(op: MeanSparse) -> Dict[str, Any]:
     return {"site": op.site, "module_path": op.module_path, "kind": op.kind, "node": op.node, "dim": op.dim,
-            "channels": op.channels, "axis_rule": op.axis_rule, "inplace": op.inplace}
+            "channels": op.channels, "axis_rule": op.axis_rule, "axis_default": getattr(op, "axis_default", False),
+            "inplace": op.inplace, "policy": getattr(op, "policy", "activations")}
 
 
 def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
@@ -150,15 +154,18 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
     with warnings.catch_warnings():
         if saved_sites:  # a model without sites gets the mismatch error below, not a warning as well
             warnings.simplefilter("ignore", NoActivationWarning)
-        placement = {"placement": record["placement"]} if record.get("placement") else {}
+        told = {"placement": record["placement"]} if record.get("placement") else {}
+        if record.get("channel_dims"):
+            told["channel_dims"] = {str(k): int(v) for k, v in record["channel_dims"].items()}
         call = call_from_record(record, inputs)
         if record.get("submodule"):  # a part of the model: the part's recorded inputs, spliced into a copy
             import copy
 
             gm = splice_part(copy.deepcopy(model).eval(), record["submodule"], call, record["model_inputs"],
-                             selection, header.get("capture_path") or "auto", placement.get("placement"))
+                             selection, header.get("capture_path") or "auto", told.get("placement"),
+                             told.get("channel_dims"))
         else:
-            gm = prepare(model, call, selection, capture=header.get("capture_path") or "auto", **placement)
+            gm = prepare(model, call, selection, capture=header.get("capture_path") or "auto", **told)
     ops = meansparse_ops(gm)
     differences = _differences(saved_sites, ops)
     if differences:

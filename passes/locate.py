@@ -35,10 +35,18 @@ class Selection:
     def takes_kind(self, kind: ActivationKind) -> bool:
         return kind.default if self.kinds is None else kind.name in self.kinds
 
-    def takes_path(self, name: str) -> bool:
+    def takes_site(self, name: str, path: Optional[str] = None) -> bool:
+        """A glob matches a site when it matches the site's name or its module path: `layer1.0.relu_1` is the
+        second call only, `layer1.0.relu` (the module, and its first call's name) every call of the module.
+        A site is taken when an include glob matches it and no exclude glob does."""
+        names = (name,) if path is None or path == name else (name, path)
+
         def hit(patterns):
-            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+            return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
         return hit(self.include) and not hit(self.exclude)
+
+    def takes_path(self, name: str) -> bool:
+        return self.takes_site(name)
 
 
 def as_selection(select: Union[None, Selection, Mapping[str, Any], str, Iterable[str]]) -> Selection:
@@ -74,7 +82,7 @@ class Site:
     source: Optional[fx.Node] = None  # composite activations: their shared input x ...
     consumers: Optional[List[fx.Node]] = None  # ... and the pattern nodes that read x
     policy: str = "activations"  # the placement policy that chose the site (passes/placement.py)
-    axis: Optional[Tuple[int, str]] = None  # (channel dim, rule) when the placement pass already knows it
+    axis: Optional[Tuple[int, str]] = None  # (channel dim, rule): a hint for when the source's layout is unknown
 
 
 def _bound_inplace(fn, node: fx.Node) -> bool:
@@ -170,7 +178,7 @@ def locate(gm: fx.GraphModule, select=None) -> List[Site]:
         while name in used and name != path or f"{name}_meansparse" in used:
             count += 1
             name = f"{path}_{count}"
-        if not (selection.takes_path(name) or selection.takes_path(path)):
+        if not selection.takes_site(name, path):
             continue
         used.add(f"{name}_meansparse")
         site = Site(name, path, kind.name, node, inplace, inner)

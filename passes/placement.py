@@ -1,12 +1,16 @@
 """Placement policies: where MeanSparse operators go, beyond "before every activation".
 
     activations      before each selected activation (passes/locate.py): the default
+    norm_activations before each selected activation that reads a normalisation layer's output (BN -> act):
+                     pre-activation blocks; gates such as squeeze-excitation's ReLU (fed by a conv) stay alone
     residual         after each residual join: the sum x + f(x), for everything downstream of it
     residual_branch  on the branch of each residual join, just before the sum: f(x) in x + f(x)
     mlp_out          after the second linear of each MLP (Linear or 1x1 conv <- activation <- Linear or 1x1 conv)
 
-Presets reproduce the MeanSparse authors' configurations (their code: SPIN-UMass/MeanSparse):
+Presets reproduce the MeanSparse authors' published models (RobustBench's Meansparse_*.py; tests/test_authors.py):
 
+    wrn        norm_activations + residual        WRN-94-16, WRN-70-16, RaWRN-70-16: between every BN and its
+                                                  activation, after every residual add; SE gates untouched
     convnext   activations + residual_branch      ConvNeXt-L: before each MLP GELU, after each block's drop_path
     swin       activations + mlp_out + residual   Swin-L: after fc1 (= before the GELU), after fc2, after each add
 
@@ -26,13 +30,14 @@ from torch import fx, nn
 
 from fxsparse._meta import PATH_META
 from fxsparse.errors import SelectionError
-from fxsparse.passes.channel_axis import infer_channel_dim
 from fxsparse.passes.composites import op_name
 from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
+from fxsparse.passes.layout import is_norm, layout_of
 from fxsparse.passes.locate import Site, as_selection, locate
 from fxsparse.passes.shapes import node_shape
 
 PRESETS: Dict[str, Tuple[str, ...]] = {
+    "wrn": ("norm_activations", "residual"),
     "convnext": ("activations", "residual_branch"),
     "swin": ("activations", "mlp_out", "residual"),
 }
@@ -122,6 +127,8 @@ def residual_joins(gm: fx.GraphModule) -> List[Join]:
             continue
         if any(node_shape(a) != shape for a in operands):
             continue
+        if layout_of(gm, node).const:  # a sum of parameters (position embeddings resized to the input)
+            continue
         a, b = operands
         anc = {a: _ancestors(a), b: _ancestors(b)}
         join = None
@@ -144,8 +151,15 @@ def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
     """Whether a branch uses weights (a module with parameters, a get_attr, or an export graph's lifted
     parameter): x + 0.044715 * x ** 3 inside a tanh GELU is arithmetic, not a residual branch."""
     for n in nodes:
-        if n.op in ("get_attr", "placeholder"):
+        if n.op == "placeholder":
             return True
+        if n.op == "get_attr":  # a parameter; buffers (rotary cos/sin tables) are not learned weights
+            try:
+                if isinstance(gm.get_parameter(n.target), nn.Parameter):
+                    return True
+            except AttributeError:
+                pass
+            continue
         mod = _module(gm, n)
         if mod is not None and next(mod.parameters(), None) is not None:
             return True
@@ -199,44 +213,11 @@ def mlp_outputs(gm: fx.GraphModule) -> List[fx.Node]:
     return found
 
 
-_SAME_LAYOUT = {"roll", "contiguous", "clone", "pad"}
-_RESHAPES = {"reshape", "view", "flatten"}
-
-
-def _axis_of(gm: fx.GraphModule, node: fx.Node, depth: int) -> Optional[Tuple[int, str]]:
-    """infer_channel_dim, also looking back through the ops a residual stream passes (adds of either operand,
-    rolls, and reshapes that keep a channel-last axis, as in Swin's (B, H, W, C) <-> (B, H * W, C))."""
-    shape = node_shape(node)
-    if shape is None:
-        return None
-    dim, rule = infer_channel_dim(gm, node, len(shape))
-    if not rule.startswith("rank-"):
-        return dim, rule
-    if depth == 0:
-        return None
-    name = op_name(node) or ""
-    tensors = [a for a in node.args if isinstance(a, fx.Node)]
-    if name.rstrip("_") in ("add", "iadd", "sub", "mul"):
-        for a in tensors:
-            if node_shape(a) == shape and (found := _axis_of(gm, a, depth - 1)):
-                return found
-    elif name in _SAME_LAYOUT and tensors:
-        return _axis_of(gm, tensors[0], depth - 1)
-    elif name in _RESHAPES and tensors and node_shape(tensors[0]):
-        found = _axis_of(gm, tensors[0], depth - 1)
-        src = node_shape(tensors[0])
-        if found and found[0] == len(src) - 1 and src[-1] == shape[-1]:
-            return len(shape) - 1, f"{found[1]}+reshape"
-    return None
-
-
-def _axis(gm: fx.GraphModule, candidates: Sequence[fx.Node], ndim: int) -> Tuple[int, str]:
-    """The channel axis from the first candidate that decides it (the rank default otherwise)."""
-    for n in candidates:
-        found = _axis_of(gm, n, 8)
-        if found is not None:
-            return found
-    return infer_channel_dim(gm, candidates[0], ndim)
+def _join_hint(gm: fx.GraphModule, join: Join) -> Optional[Tuple[int, str]]:
+    """The sum's channel axis, for a branch whose own layout is unknown (an opaque attention): x + f(x) has
+    the shape of f(x), and the layout analysis has combined both operands into the sum's fact."""
+    fact = layout_of(gm, join.node)
+    return (fact.dim, f"residual sum: {fact.rule}") if fact.dim is not None else None
 
 
 def _scoped(node: fx.Node, leaf: str) -> str:
@@ -247,10 +228,8 @@ def _scoped(node: fx.Node, leaf: str) -> str:
 def _residual_sites(gm: fx.GraphModule) -> List[Site]:
     sites = []
     for j in residual_joins(gm):
-        ndim = len(node_shape(j.node))
         sites.append(Site(_scoped(j.node, "add"), j.node.meta.get(PATH_META, ""), "add", j.node, False,
-                          source=j.node, consumers=list(j.node.users), policy="residual",
-                          axis=_axis(gm, [j.branch, j.skip], ndim)))
+                          source=j.node, consumers=list(j.node.users), policy="residual"))
     return sites
 
 
@@ -258,10 +237,8 @@ def _branch_sites(gm: fx.GraphModule) -> List[Site]:
     sites = []
     for j in residual_joins(gm):
         b = j.branch
-        ndim = len(node_shape(j.node))
         sites.append(Site(_scoped(j.node, "branch"), j.node.meta.get(PATH_META, ""), "residual_branch", j.node, False,
-                          source=b, consumers=[j.node], policy="residual_branch",
-                          axis=_axis(gm, [b, j.skip], ndim)))
+                          source=b, consumers=[j.node], policy="residual_branch", axis=_join_hint(gm, j)))
     return sites
 
 
@@ -289,14 +266,23 @@ def resolve(placement: Union[None, str, Iterable[str]]) -> Tuple[str, ...]:
     for name in names:
         expanded = PRESETS.get(name, (name,))
         for policy in expanded:
-            if policy != "activations" and policy not in POLICIES:
-                known = ["activations", *POLICIES, *PRESETS]
+            if policy not in _ACTIVATION_POLICIES and policy not in POLICIES:
+                known = [*_ACTIVATION_POLICIES, *POLICIES, *PRESETS]
                 raise SelectionError(f"unknown placement {name!r}; known policies and presets: {known}")
             if policy not in out:
                 out.append(policy)
     if not out:
         raise SelectionError("placement is empty; give a policy such as 'activations' or a preset such as 'swin'")
     return tuple(out)
+
+
+_ACTIVATION_POLICIES = ("activations", "norm_activations")
+
+
+def _reads_norm(gm: fx.GraphModule, site: Site) -> bool:
+    """Whether the activation of `site` reads a normalisation layer's output (through identities)."""
+    src = _source(site)
+    return src is not None and is_norm(gm, _through_identities(gm, src))
 
 
 def _source(site: Site) -> Optional[fx.Node]:
@@ -322,14 +308,18 @@ def place(gm: fx.GraphModule, select=None, placement=None) -> List[Site]:
     policies = resolve(placement)
     selection = as_selection(select)
     modules = {name for name, _ in gm.named_modules()}
-    sites = locate(gm, select) if "activations" in policies else []
+    sites = locate(gm, select) if "activations" in policies or "norm_activations" in policies else []
+    if "norm_activations" in policies and "activations" not in policies:
+        sites = [s for s in sites if _reads_norm(gm, s)]
+        for s in sites:
+            s.policy = "norm_activations"
     taken = {s.name for s in sites}
     by_source = {src: s for s in sites if (src := _source(s)) is not None}
     for policy in policies:
-        if policy == "activations":
+        if policy in _ACTIVATION_POLICIES:
             continue
         for site in POLICIES[policy](gm):
-            if not selection.takes_path(site.name):
+            if not selection.takes_site(site.name, site.module_path):
                 continue
             if site.source in by_source:
                 _merge(by_source[site.source], site)

@@ -13,15 +13,16 @@ user's model) and applied by a forward pre-hook on the activation.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, List, Tuple
+import warnings
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
 from fxsparse._meta import INNER_META, PATH_META, SHAPE_META, SITE_META
-from fxsparse.errors import FxsparseValueError
+from fxsparse.errors import FxsparseValueError, LayoutWarning
 from fxsparse.ops import MeanSparse
-from fxsparse.passes.channel_axis import fallback_dim, infer_channel_dim
+from fxsparse.passes.layout import Decision, decide, decide_inner, overrides
 from fxsparse.passes.fresh import producer_hooks
 from fxsparse.passes.locate import Site
 from fxsparse.passes.shapes import node_shape
@@ -57,24 +58,44 @@ def _state_device(gm: fx.GraphModule) -> Tuple[torch.device, torch.dtype]:
     return device or torch.device("cpu"), dtype
 
 
-def _make_op(site: Site, shape, dim: int, rule: str, device) -> MeanSparse:
+def _make_op(site: Site, shape, decision: Decision, device) -> MeanSparse:
+    dim = decision.dim
     op = MeanSparse(shape[dim], dim, inplace=site.inplace).to(device[0])
     op.mean.data, op.std.data = op.mean.to(device[1]), op.std.to(device[1])
     op.alpha.data = op.alpha.to(device[1])
-    op.site, op.module_path, op.kind, op.axis_rule = site.name, site.module_path, site.kind, rule
+    op.site, op.module_path, op.kind, op.axis_rule = site.name, site.module_path, site.kind, decision.rule
+    op.axis_default = decision.default  # the audit flags it; LayoutWarning has said so
     op.policy = site.policy
     return op
 
 
-def _splice_graph_site(gm: fx.GraphModule, site: Site, device) -> None:
+def decide_site(gm: fx.GraphModule, site: Site, override=None) -> Decision:
+    """The channel axis the operator of `site` will get (passes/layout.py), without splicing it."""
+    if site.inner is not None:
+        shape = site.node.meta.get(INNER_META, {}).get(site.inner)
+        if shape is None:
+            raise FxsparseValueError(f"the activation {site.inner!r} inside {site.node.target!r} did not run during "
+                                "shape propagation; pass example_inputs that exercise it, or exclude the site")
+        if override is not None:
+            return Decision(override[0] % len(shape), override[1])
+        return decide_inner(gm.get_submodule(site.node.target), site.inner, shape,
+                            f"inside {type(gm.get_submodule(site.node.target)).__name__}")
+    inp = site.source if site.source is not None else _activation_input(site.node)
+    shape = node_shape(inp)
+    if shape is None:
+        raise FxsparseValueError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
+    return decide(gm, inp, shape, consumers=site.consumers or [site.node], hint=site.axis, override=override)
+
+
+def _splice_graph_site(gm: fx.GraphModule, site: Site, device, override) -> Decision:
     act = site.node
     inp = site.source if site.source is not None else _activation_input(act)
     consumers = site.consumers or [act]
     shape = node_shape(inp)
     if shape is None:
         raise FxsparseValueError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
-    dim, rule = site.axis if site.axis is not None else infer_channel_dim(gm, inp, len(shape))
-    op = _make_op(site, shape, dim, rule, device)
+    decision = decide(gm, inp, shape, consumers=consumers, hint=site.axis, override=override)
+    op = _make_op(site, shape, decision, device)
     op.node = act.name
     target = f"{site.name}_meansparse"
     gm.add_submodule(target, op)
@@ -88,9 +109,10 @@ def _splice_graph_site(gm: fx.GraphModule, site: Site, device) -> None:
         consumer.replace_input_with(inp, new)
     hooks = producer_hooks(gm, inp, new)
     op.private_input, op.producer_hooks = hooks is not None, hooks or ()
+    return decision
 
 
-def _splice_inner_site(gm: fx.GraphModule, site: Site, device) -> None:
+def _splice_inner_site(gm: fx.GraphModule, site: Site, device, override) -> Optional[Decision]:
     leaf_node = site.node
     shape = leaf_node.meta.get(INNER_META, {}).get(site.inner)
     if shape is None:
@@ -103,21 +125,37 @@ def _splice_inner_site(gm: fx.GraphModule, site: Site, device) -> None:
     act = parent.get_submodule(act_name)
     name = f"{act_name}_meansparse"
     if hasattr(parent, name):  # the leaf is called more than once: one operator, pooled statistics
-        return
-    op = _make_op(site, shape, fallback_dim(len(shape)), f"inside {type(leaf).__name__}", device)
+        return None
+    decision = (Decision(override[0] % len(shape), override[1]) if override is not None
+                else decide_inner(leaf, site.inner, shape, f"inside {type(leaf).__name__}"))
+    op = _make_op(site, shape, decision, device)
     op.node = f"{leaf_node.name} (inside)"
     parent.add_module(name, op)
     act.register_forward_pre_hook(ApplyBefore(op))
+    return decision
 
 
-def splice(gm: fx.GraphModule, sites: Iterable[Site]) -> fx.GraphModule:
-    """Insert one MeanSparse per site (in place on `gm`, which is returned)."""
+def splice(gm: fx.GraphModule, sites: Iterable[Site],
+           channel_dims: Optional[Mapping[str, int]] = None) -> fx.GraphModule:
+    """Insert one MeanSparse per site (in place on `gm`, which is returned), on the channel axis the layout
+    analysis proves (passes/layout.py); `channel_dims` ({site name or module-path glob: dim}) overrides it.
+    Sites whose axis is a default, or contradicts a declared channel count, are reported in one LayoutWarning."""
+    sites = list(sites)
     device = _state_device(gm)
+    forced = overrides(channel_dims, sites)
+    problems: Dict[str, str] = {}
     for site in sites:
-        if site.inner is None:
-            _splice_graph_site(gm, site, device)
-        else:
-            _splice_inner_site(gm, site, device)
+        splice_site = _splice_graph_site if site.inner is None else _splice_inner_site
+        decision = splice_site(gm, site, device, forced.get(site.name))
+        if decision is not None and decision.problem:
+            problems[site.name] = decision.problem
+    if problems:
+        listed = "; ".join(f"{name}: {why}" for name, why in list(problems.items())[:8])
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        warnings.warn(LayoutWarning(
+            f"fxsparse could not prove the channel axis of {len(problems)} site(s): {listed}{more}. The audit "
+            "flags them (axis_default). If an axis is wrong, pass channel_dims={'<site name or glob>': dim} to "
+            "fxsparse.prepare / sparsify"), stacklevel=3)
     gm.graph.lint()
     gm.recompile()
     return gm

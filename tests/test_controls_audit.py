@@ -85,7 +85,7 @@ def test_audit_views(resnet):
     assert len(audit) == 17
     r = audit[0]
     assert (r.site, r.module_path, r.kind, r.node, r.dim, r.channels) == ("relu", "relu", "relu", "relu", 1, 64)
-    assert r.axis_rule == "BatchNorm2d" and 0 < r.replaced < 1
+    assert r.axis_rule == "BatchNorm2d bn1" and not r.axis_default and 0 < r.replaced < 1
     doc = json.loads(audit.to_json())
     assert doc["capture"]["path"] == "fx" and len(doc["sites"]) == 17
     assert doc["sites"][0]["site"] == "relu"

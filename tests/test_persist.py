@@ -111,3 +111,42 @@ def test_load_leaves_the_users_model_alone(tmp_path):
     fxsparse.load(model, path)
     assert model.training and not any(isinstance(m, fxsparse.MeanSparse) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_decisions_survive_a_save_and_newer_formats_are_refused(tmp_path):
+    """channel_dims, placement and selection are recorded and re-applied; a file from a newer format is refused."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(7, 7)
+
+        def forward(self, x):  # (B, 5, 7): nothing proves the axis of the first relu's input
+            return self.fc(torch.relu(x)).relu()
+
+    x, model = torch.randn(4, 5, 7), Tokens().eval()
+    gm = fxsparse.prepare(model, x, select={"exclude": ["relu_1"]}, placement="activations",
+                          channel_dims={"relu": 1})
+    fxsparse.calibrate(gm, [x])
+    fxsparse.set_alpha(gm, 0.5)
+    path = tmp_path / "tokens.safetensors"
+    fxsparse.save(gm, path)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(json.loads(f.read(length))["__metadata__"]["fxsparse"])
+    assert header["format_version"] == fxsparse.persist.FORMAT_VERSION == 2
+    assert header["prepare"]["channel_dims"] == {"relu": 1}
+    assert header["prepare"]["placement"] == ["activations"]
+    assert header["prepare"]["select"]["exclude"] == ["relu_1"]
+    assert [(s["site"], s["dim"], s["channels"]) for s in header["sites"]] == [("relu", 1, 5)]
+    loaded = fxsparse.load(model, path)
+    assert [(r.site, r.dim, r.axis_rule) for r in fxsparse.audit(loaded)] == [
+        (r.site, r.dim, r.axis_rule) for r in fxsparse.audit(gm)]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+
+    from fxsparse.safefile import read, write
+    tensors, header = read(path, "fxsparse file")
+    header.pop("sha256", None)
+    write(path, tensors, dict(header, format_version=fxsparse.persist.FORMAT_VERSION + 1))
+    with pytest.raises(fxsparse.PersistenceError, match="newer format"):
+        fxsparse.load(Tokens(), path)

@@ -156,3 +156,24 @@ def test_arithmetic_adds_are_not_residual_joins():
     joins = fxsparse.residual_joins(gm)
     assert len(joins) == 1 and joins[0].skip.op == "placeholder"
 
+
+
+class Rotary(nn.Module):
+    """Rotary embeddings: q * cos + rotate(q) * sin with buffer tables is arithmetic, not a residual join."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 8)
+        self.register_buffer("cos", torch.rand(5, 8))
+        self.register_buffer("sin", torch.rand(5, 8))
+
+    def forward(self, x):
+        q = self.qkv(x)
+        q = q * self.cos + torch.cat([-q[..., 4:], q[..., :4]], -1) * self.sin
+        return x + q
+
+
+def test_rotary_sums_of_buffers_are_not_residual_joins():
+    gm = fxsparse.capture(nn.Sequential(Rotary()).eval(), (torch.randn(2, 5, 8),))
+    joins = fxsparse.residual_joins(gm)
+    assert len(joins) == 1 and joins[0].skip.op == "placeholder"

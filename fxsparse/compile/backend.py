@@ -191,7 +191,7 @@ class MeanSparseBackend:
             stack = site.node.meta.get("stack_trace")
             seen = occurrences[(site.module_path, stack)] = occurrences.get((site.module_path, stack), -1) + 1
             site.name = self._site_name(site.name, site.module_path, stack, seen)
-        sites = [s for s in sites if selection.takes_path(s.name) or selection.takes_path(s.module_path)]
+        sites = [s for s in sites if selection.takes_site(s.name, s.module_path)]
         if sites:
             splice(gm, sites)
             _widen_to_input_dtypes(gm)
