@@ -115,9 +115,10 @@ def check_same_across_ranks(value: int, what: str) -> None:
 
 
 @contextlib.contextmanager
-def failing_together() -> Iterator[None]:
-    """Run a local calibration pass so that when one rank fails, every rank raises instead of hanging in the
-    next collective: the failing rank re-raises its own error, the others say which rank failed."""
+def failing_together(what: str = "calibration", error: type = CalibrationError) -> Iterator[None]:
+    """Run a local pass (of calibration, evaluation, ...) so that when one rank fails, every rank raises instead
+    of hanging in the next collective: the failing rank re-raises its own error, the others raise `error`
+    saying which rank failed."""
     rank, size = rank_and_size()
     if size == 1:
         yield
@@ -129,8 +130,8 @@ def failing_together() -> Iterator[None]:
         raise
     failed = _failed_ranks(False)
     if failed:
-        raise CalibrationError(f"calibration failed on rank(s) {failed}; that rank's error says why "
-                               f"(this is rank {rank}, whose own data calibrated fine)")
+        raise error(f"{what} failed on rank(s) {failed}; that rank's error says why (this is rank {rank}, whose "
+                    "own data ran fine)")
 
 
 def _failed_ranks(failed: bool) -> List[int]:

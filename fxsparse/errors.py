@@ -38,6 +38,10 @@ class InputRangeError(FxsparseValueError):
     """Evaluation data lies outside the attack's `bounds`, or the perturbation budget does not fit them."""
 
 
+class DistributedError(FxsparseError, RuntimeError):
+    """Another process of a torch.distributed run failed; its own error says why."""
+
+
 class BackendError(FxsparseError, RuntimeError):
     """The torch.compile backend could not apply MeanSparse to a graph Dynamo handed it."""
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import warnings
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import nn
 
 from fxsparse.errors import FxsparseValueError, MissingDependencyError
 from fxsparse.robust.outputs import as_classifier, logits_of
+from fxsparse.robust.sharding import per_example_rand, restart_seed
 
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -36,13 +37,23 @@ def _step(grad: torch.Tensor, size: float, norm: str) -> torch.Tensor:
     return size * grad / g.view(-1, *[1] * (grad.dim() - 1))
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
+def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator,
+                  seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """A random point of the eps-ball around each example: from `gen` (a batch's stream), or, with `seeds`,
+    each example's own draw (fxsparse/robust/sharding.py), the same whatever batch or rank it is in."""
+    if seeds is not None:
+        uniform = lambda: per_example_rand(x, seeds)  # noqa: E731
+        normal = lambda: per_example_rand(x, seeds, normal=True)  # noqa: E731
+        radius = lambda: per_example_rand(x.flatten(1)[:, :1], [restart_seed(s, -1) for s in seeds])  # noqa: E731
+    else:
+        uniform = lambda: torch.rand(x.shape, generator=gen, device="cpu").to(x)  # noqa: E731
+        normal = lambda: torch.randn(x.shape, generator=gen, device="cpu").to(x)  # noqa: E731
+        radius = lambda: torch.rand(x.shape[0], generator=gen, device="cpu").to(x)  # noqa: E731
     if norm == "linf":
-        return (torch.rand(x.shape, generator=gen, device="cpu").to(x) * 2 - 1) * eps
-    d = torch.randn(x.shape, generator=gen, device="cpu").to(x)
+        return (uniform() * 2 - 1) * eps
+    d = normal()
     d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-    r = torch.rand(x.shape[0], generator=gen, device="cpu").to(x).view(-1, *[1] * (x.dim() - 1))
-    return d * r * eps
+    return d * radius().reshape(-1, *[1] * (x.dim() - 1)) * eps
 
 
 def pgd(
@@ -60,6 +71,7 @@ def pgd(
     seed: int = 0,
     schedule: str = "constant",
     momentum: float = 0.0,
+    example_seeds: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Adversarial examples maximising cross-entropy; per example, the first restart that fools the model wins.
     The model may return any classifier output (see fxsparse/robust/outputs.py).
@@ -67,7 +79,9 @@ def pgd(
     schedule: "constant" (Madry et al.: step 2.5 eps / steps) or "cosine": the step starts at 2 eps (L-inf; eps
     for L2) and decays to 0 on a cosine, and every iterate is checked, so an example counts as fooled when
     any iterate fooled the model (APGD's best-iterate rule; measured against APGD-CE in the README).
-    momentum (with "cosine"): APGD's heavy-ball step, `x + m (z - x) + (1 - m) (x - x_previous)` (0.75 there)."""
+    momentum (with "cosine"): APGD's heavy-ball step, `x + m (z - x) + (1 - m) (x - x_previous)` (0.75 there).
+    example_seeds: one seed per example for the random starts (`fxsparse.evaluate` passes them): an example's
+    attack then does not depend on the batch or process it is in."""
     if norm not in ("linf", "l2"):
         raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if schedule not in ("constant", "cosine"):
@@ -81,8 +95,9 @@ def pgd(
     lo, hi = bounds
     best = x.clone()
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(restarts):
-        delta = _random_start(x, eps, norm, gen) if random_start else torch.zeros_like(x)
+    for restart in range(restarts):
+        seeds = None if example_seeds is None else [restart_seed(s, restart) for s in example_seeds]
+        delta = _random_start(x, eps, norm, gen, seeds) if random_start else torch.zeros_like(x)
         delta = ((x + delta).clamp(lo, hi) - x).detach()
         for t in range(steps):
             delta.requires_grad_(True)

@@ -13,9 +13,9 @@ seed gives the same adversarial examples, and both columns start from the same r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
+import os
 import sys
 import time
 from functools import partial
@@ -28,8 +28,11 @@ from fxsparse.robust import attacks as _attacks
 from fxsparse.robust.guards import check_batch, check_budget, check_l2_budget
 from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.controls import straight_through
-from fxsparse.errors import FxsparseTypeError, FxsparseValueError
+from fxsparse.distributed import failing_together, rank_and_size
+from fxsparse.errors import DistributedError, FxsparseTypeError, FxsparseValueError
 from fxsparse.ops import meansparse_ops
+from fxsparse.robust.resume import ResumeFile
+from fxsparse.robust.sharding import example_fingerprints, example_seeds, gather_examples
 
 MODES = ("plain", "bpda")
 
@@ -41,11 +44,12 @@ class AttackKind:
     fn: Optional[Callable]
     gradient: bool
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    per_example: bool = False  # takes `example_seeds`: its randomness does not depend on batches or ranks
 
 
 ATTACKS: Dict[str, AttackKind] = {
     "clean": AttackKind(None, False),
-    "pgd": AttackKind(_attacks.pgd, True, {"steps": 20}),
+    "pgd": AttackKind(_attacks.pgd, True, {"steps": 20}, per_example=True),
     "apgd-ce": AttackKind(partial(_attacks.apgd, loss="ce"), True),
     "apgd-dlr": AttackKind(partial(_attacks.apgd, loss="dlr"), True),
     "apgd-t": AttackKind(_attacks.apgd_targeted, True),
@@ -77,13 +81,6 @@ def parse_attack(spec: str) -> Tuple[str, Dict[str, Any]]:
                                      "options as 'pgd:steps=50,restarts=2'")
         options[key.strip()] = _value(text.strip())
     return name, {**ATTACKS[name].defaults, **options}
-
-
-def example_fingerprints(x: torch.Tensor, y: torch.Tensor) -> List[str]:
-    """One hash per example (pixels and label), to check that two splits share no example."""
-    x = x.detach().to("cpu", torch.float32).contiguous()
-    y = y.detach().to("cpu")
-    return [hashlib.sha1(xi.numpy().tobytes() + str(int(yi)).encode()).hexdigest() for xi, yi in zip(x, y)]
 
 
 def iter_batches(data: Any, batch_size: int = 256, max_examples: Optional[int] = None) -> Iterator[Tuple]:
@@ -247,6 +244,8 @@ def evaluate(
     search=None,
     logits: LogitsFn = None,
     baseline: Optional["Evaluation"] = None,
+    checkpoint: Union[str, "os.PathLike[str]", None] = None,
+    checkpoint_every: int = 1,
 ) -> Evaluation:
     """Accuracy of `model` on `data` under each attack, as is and with straight-through gradients.
 
@@ -265,6 +264,16 @@ def evaluate(
             than a tensor, a tuple (first element), a dict or Hugging Face ModelOutput (`logits`).
         baseline: the Evaluation of the original model on the same data, eps and seed: the result then
             carries the paired comparison (`comparison`, in `to_markdown`): see `fxsparse.compare`.
+        checkpoint: a file recording the finished batches every `checkpoint_every` batches (atomically; one file
+            per rank); rerunning the same call resumes after them and gives the uninterrupted run's result.
+            Deleted when the evaluation finishes.
+
+    Under torch.distributed, `data` is this rank's shard (a DistributedSampler, drop_last or not) and every
+    rank returns the result over the union of the shards (per-example outcomes gathered in rank order). PGD's
+    random starts are drawn per example (fxsparse/robust/sharding.py), so its outcomes do not depend on the
+    number of ranks or the batch size, up to floating-point differences between batch shapes. The reference
+    attacks (APGD, Square, AutoAttack) draw per batch, from `seed`, the batch index and the rank: the same
+    world size, batch size and data order give the same result.
     """
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
@@ -284,12 +293,22 @@ def evaluate(
     except TypeError:
         pass
     heldout = getattr(search, "fingerprints", None)
+    rank, world = rank_and_size()
+    resume = None
+    if checkpoint is not None:
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise FxsparseValueError(f"checkpoint_every must be a positive number of batches, got {checkpoint_every!r}")
+        resume = ResumeFile(checkpoint, "evaluation", _run_config(model, plan, eps, norm, modes, bounds, seed,
+                                                                   batch_size, max_examples))
+    done, n = _restore(resume, results, correct, modes)
     was_training = model.training
     model.eval()
-    n = 0
     try:
-        with _progress(total, progress) as bar:
+        with _progress(total, progress) as bar, failing_together("evaluation", DistributedError):
             for index, (x, y) in enumerate(iter_batches(data, batch_size, max_examples)):
+                if index < done:  # resuming: this batch's outcomes are in the checkpoint
+                    bar.update(1)
+                    continue
                 if heldout:
                     shared = sum(f in heldout for f in example_fingerprints(x, y))
                     if shared:
@@ -303,16 +322,23 @@ def evaluate(
                 n += len(y)
                 for k, ((name, options), result) in enumerate(zip(plan, results)):
                     bar.set_postfix_str(name)
-                    _run_one(net, ATTACKS[name], options, x, y, eps, norm, bounds, seed + index, modes,
-                             operators, result, correct[k])
+                    _run_one(net, ATTACKS[name], options, x, y, eps, norm, bounds, seed, index * world + rank,
+                             modes, operators, result, correct[k])
                 bar.update(1)
+                if resume is not None and (index + 1) % checkpoint_every == 0:
+                    _save(resume, index + 1, n, results, correct)
     finally:
         model.train(was_training)
     for result, per_mode in zip(results, correct):
         for mode, parts in per_mode.items():
-            if parts:
-                result.correct[mode] = torch.cat(parts)
-                setattr(result, mode, float(result.correct[mode].float().mean()))
+            if parts or world > 1:
+                local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+                result.correct[mode] = gather_examples(local)
+                setattr(result, mode, float(result.correct[mode].float().mean()) if len(result.correct[mode])
+                        else float("nan"))
+    n = sum(int(v) for v in gather_examples(torch.tensor([n])))
+    if resume is not None:
+        resume.discard()
     evaluation = Evaluation(results, n, float(eps), norm, seed, operators)
     if baseline is not None:
         from fxsparse.robust.compare import compare
@@ -321,11 +347,16 @@ def evaluate(
     return evaluation
 
 
-def _run_one(model, kind: AttackKind, options, x, y, eps, norm, bounds, seed, modes, operators, result,
+def _run_one(model, kind: AttackKind, options, x, y, eps, norm, bounds, seed, batch, modes, operators, result,
              correct) -> None:
-    """One attack on one batch, in each mode; the BPDA run is skipped when it would repeat the plain one."""
+    """One attack on one batch, in each mode; the BPDA run is skipped when it would repeat the plain one.
+    Attacks with per-example randomness get one seed per example; the others `seed` + the batch's number."""
     note = _bpda_note(kind, operators)
     runs = [m for m in modes if not (m == "bpda" and note and "plain" in modes)]
+    if kind.per_example:
+        options = {**options, "example_seeds": example_seeds(x, y, seed)}
+    else:
+        seed = seed + batch
     for mode in runs:
         start = time.perf_counter()
         if kind.fn is None:
@@ -340,3 +371,34 @@ def _run_one(model, kind: AttackKind, options, x, y, eps, norm, bounds, seed, mo
     if "bpda" in modes and "bpda" not in runs:
         correct["bpda"].append(correct["plain"][-1])
         result.bpda_note = note
+
+
+def _run_config(model, plan, eps, norm, modes, bounds, seed, batch_size, max_examples) -> Dict[str, Any]:
+    """What must match for a checkpoint to be resumed: the run's settings and the model's operators."""
+    return {"attacks": [[name, {k: repr(v) for k, v in options.items()}] for name, options in plan],
+            "eps": float(eps), "norm": norm, "modes": list(modes), "bounds": [float(b) for b in bounds],
+            "seed": int(seed), "batch_size": int(batch_size), "max_examples": max_examples,
+            "alphas": {name: float(op.alpha) for name, op in meansparse_ops(model).items()}}
+
+
+def _save(resume: ResumeFile, batches: int, n: int, results: List[AttackResult], correct) -> None:
+    tensors = {f"{k}/{mode}": torch.cat(parts) for k, per_mode in enumerate(correct)
+               for mode, parts in per_mode.items() if parts}
+    resume.save(tensors, {"batches": batches, "n": n, "seconds": [r.seconds for r in results],
+                          "notes": [r.bpda_note for r in results]})
+
+
+def _restore(resume: Optional[ResumeFile], results: List[AttackResult], correct, modes) -> Tuple[int, int]:
+    """(batches done, examples done) from the checkpoint, its outcomes put back into `correct`."""
+    if resume is None:
+        return 0, 0
+    tensors, progress = resume.load()
+    if not progress:
+        return 0, 0
+    for k, per_mode in enumerate(correct):
+        for mode in modes:
+            if f"{k}/{mode}" in tensors:
+                per_mode[mode].append(tensors[f"{k}/{mode}"])
+    for result, seconds, note in zip(results, progress["seconds"], progress["notes"]):
+        result.seconds, result.bpda_note = seconds, note
+    return int(progress["batches"]), int(progress["n"])

@@ -30,6 +30,11 @@ def example_seeds(x: torch.Tensor, y: torch.Tensor, seed: int) -> List[int]:
     return [int(hashlib.sha1(f"{f}|{seed}".encode()).hexdigest()[:15], 16) for f in example_fingerprints(x, y)]
 
 
+def restart_seed(seed: int, restart: int) -> int:
+    """The seed of an example's `restart`-th random start (restart 0 uses the example's seed itself)."""
+    return seed if restart == 0 else int(hashlib.sha1(f"{seed}|restart {restart}".encode()).hexdigest()[:15], 16)
+
+
 def per_example_rand(x: torch.Tensor, seeds: List[int], normal: bool = False) -> torch.Tensor:
     """Uniform [0, 1) (or standard normal) noise shaped like `x`, each example's drawn from its own seed, so
     it does not depend on the batch it sits in. Drawn on the CPU, moved to x's device and dtype."""
