@@ -124,9 +124,12 @@ class SearchResult:
         lines = ["| phase | alpha | val clean (95% CI) | val robust (95% CI) | vs alpha 0: p | vs best: p | "
                  "within clean budget |", "|---|---|---|---|---|---|---|"]
         chosen = self._chosen_display()
-        for t in self.table:
+        if isinstance(chosen, dict) and len(set(chosen.values())) == 1:  # every stage kept one alpha
+            chosen = next(iter(chosen.values()))
+        row = next((i for i, t in enumerate(self.table) if t.alpha == chosen), None)
+        for i, t in enumerate(self.table):
             alpha = f"{t.alpha:g}" if isinstance(t.alpha, float) else ", ".join(f"{k}: {v:g}" for k, v in t.alpha.items())
-            mark = " **chosen**" if t.alpha == chosen else ""
+            mark = " **chosen**" if i == row else ""
             lines.append(f"| {t.phase} | {alpha}{mark} | {_pct_ci(t.clean, t.clean_interval)} | "
                          f"{_pct_ci(t.robust, t.robust_interval)} | {t.p_vs_zero:.2g} | {t.p_vs_best:.2g} | "
                          f"{'yes' if t.allowed else 'no'} |")
