@@ -133,7 +133,7 @@ class SearchResult:
             lines.append(f"| {t.phase} | {alpha}{mark} | {_pct_ci(t.clean, t.clean_interval)} | "
                          f"{_pct_ci(t.robust, t.robust_interval)} | {t.p_vs_zero:.2g} | {t.p_vs_best:.2g} | "
                          f"{'yes' if t.allowed else 'no'} |")
-        notes = "".join(f"\n\nNote: {n}" for n in self.notes)
+        notes = "".join(f"\n\nNote: {n}" for n in self.notes if not n.startswith(NO_GAIN))  # the verdict says it
         return "\n".join(lines) + (f"\n\n{self.n_val} validation examples; score: {self.attack} "
                                    f"({self.score}); clean accuracy may drop by at most {100 * self.max_clean_drop:g} "
                                    f"percentage point(s) from alpha = 0. Rule: {self.rule}.\n\n"
@@ -142,8 +142,10 @@ class SearchResult:
     def verdict_line(self) -> str:
         zero = self.baseline
         if self.verdict == NO_GAIN:
-            return (f"{NO_GAIN}: no alpha beats alpha = 0 ({100 * zero.robust:.1f}% robust) beyond the noise of "
-                    f"{self.n_val} validation examples; alpha = {self._alpha_text()} (the model unchanged)")
+            best = next((t for t in self.table if t.alpha == self.best_alpha), zero)
+            return (f"{NO_GAIN}: the best alpha, {best.alpha:g} ({100 * best.robust:.1f}% robust), is within the "
+                    f"noise of {self.n_val} validation examples of alpha = 0 ({100 * zero.robust:.1f}%, McNemar "
+                    f"p = {best.p_vs_zero:.2g}); alpha = {self._alpha_text()} (the model unchanged)")
         return (f"alpha = {self._alpha_text()}: {100 * self.robust:.1f}% robust vs {100 * zero.robust:.1f}% at "
                 f"alpha = 0 on validation, a gain beyond noise")
 
