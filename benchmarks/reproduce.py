@@ -164,7 +164,7 @@ def _measure(model, gm, splits, cfg, log) -> dict:
         subset[label] = {"alpha": a, "n": report.n, **_row(report)}
     fxsparse.set_alpha(gm, 0.0)
     return {"curve": curve, "chosen": chosen, "on_test_by_pgd": on_test, "subset": subset,
-            "search": [vars(t) for t in search.table], "config": cfg}
+            "search": [t.to_dict() for t in search.table], "config": cfg}
 
 
 def _autoattack(model, gm, splits, alpha, eps, n) -> dict:

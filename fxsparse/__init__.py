@@ -22,10 +22,14 @@ bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
     audit      fxsparse/audit.py           one record per site: Markdown, JSON, networkx
     files      fxsparse/persist.py         save / load (safetensors + JSON header, fxsparse/safefile.py)
     authors    fxsparse/authors.py         from_meansparse: the authors' published statistics, site by site
+    inputs     fxsparse/normalization.py   with_normalization: the input normalisation inside the model, so
+                                           attacks work on [0, 1] images (normalization_of: timm, torchvision)
 
 Around the pipeline, one subpackage per concern:
 
-    fxsparse/robust/     attacks, evaluate (as is and with BPDA), search_alpha   (the `eval` extra)
+    fxsparse/robust/     attacks, evaluate (as is and with BPDA), search_alpha, compare (paired McNemar);
+                         guards (data in bounds, eps in units), outputs (logits of any classifier)
+                         (the `eval` extra)
     fxsparse/compile/    a torch.compile backend for models no capture path handles whole
     fxsparse/tools/      the `fxsparse` command, the demo, model names (zoo), the run-time coverage oracle
     fxsparse/testing/    models and bad inputs shared by the test suite and the benchmarks

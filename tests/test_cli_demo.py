@@ -49,6 +49,7 @@ def test_digits_splits_are_disjoint_and_stratified():
         assert set(split[1].tolist()) == set(range(10))
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("FXSPARSE_CACHE", str(tmp_path))
     config = dict(demo.CONFIG, epochs=2, eval_steps=3, width=8)

@@ -175,3 +175,21 @@ def test_verify_runs_in_eval_mode_and_restores_the_mode():
     assert result.exact  # eval-mode graph vs eval-mode model
     assert all(torch.equal(stats[k], v) for k, v in model[1].state_dict().items())  # running stats unchanged
     assert [m.training for m in model.modules()] == [True, True, True, True, False]
+
+
+def test_a_failing_compiler_behind_the_backend_reaches_the_user_as_a_backend_error():
+    """Dynamo wraps what a backend raises in BackendCompilerFailed; ours comes out as itself, at the call."""
+
+    def broken_compiler(gm, example_inputs):
+        raise RuntimeError("the compiler behind is broken")
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm = fxsparse.sparsify(model, [x], alpha=0.2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=fxsparse.backend(fxsparse.statistics(gm), alpha=0.2,
+                                                             compiler=broken_compiler))
+    with pytest.raises(fxsparse.BackendError, match="compiler behind is broken") as info:
+        compiled(x)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value.__cause__, RuntimeError)
+    torch._dynamo.reset()

@@ -245,6 +245,7 @@ def test_every_output_form_gives_the_same_evaluation(data, form):
             evaluate(model, (x, y), eps=0.08, attacks=["clean"])
 
 
+@pytest.mark.slow  # importing transformers and capturing with torch.export: several seconds
 def test_tiny_hugging_face_vit_sparsified_and_evaluated():
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
@@ -256,13 +257,13 @@ def test_tiny_hugging_face_vit_sparsified_and_evaluated():
         y = model(x).logits.argmax(1)
     gm = fxsparse.sparsify(model, [x], alpha=0.0, progress=False)
     assert len(fxsparse.meansparse_ops(gm)) == 2  # one GELU per encoder layer
-    before = evaluate(model, (x, y), eps=2 / 255, attacks=["clean", "pgd:steps=2", "apgd-ce:steps=2"])
-    after = evaluate(gm, (x, y), eps=2 / 255, attacks=["clean", "pgd:steps=2", "apgd-ce:steps=2"], baseline=before)
+    before = evaluate(model, (x, y), eps=2 / 255, attacks=["clean", "pgd:steps=1", "apgd-ce:steps=1"])
+    after = evaluate(gm, (x, y), eps=2 / 255, attacks=["clean", "pgd:steps=1", "apgd-ce:steps=1"], baseline=before)
     assert before["clean"].plain == 1.0 and after["clean"].plain == 1.0
     for a, b in zip(before.results, after.results):  # alpha = 0: the same model, the same outcomes
         assert torch.equal(a.correct["plain"], b.correct["plain"]), a.attack
     assert all(r.verdict == "within noise" and r.gained == r.lost == 0 for r in after.comparison.rows)
-    adv = attacks.pgd(gm, x, y, 2 / 255, steps=2)  # the attacks take the ModelOutput directly too
+    adv = attacks.pgd(gm, x, y, 2 / 255, steps=1)  # the attacks take the ModelOutput directly too
     assert (adv - x).abs().max() <= 2 / 255 + 1e-6
 
 

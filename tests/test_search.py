@@ -176,6 +176,8 @@ def test_refine_per_stage_and_apply_false(setup):
     named = fxsparse.search_alpha(gm, val, eps=EPS, attack="pgd:steps=2", alphas=(0.0, 0.2),
                                   per_stage={"first": "2", "second": ["4"]}, score="worst")
     assert set(named.stages) == {"first", "second"} and named.score == "worst"
+    md = named.to_markdown()
+    assert "**chosen**" in md and "first: " in md and "Verdict: " in md
 
 
 def test_search_errors(setup):

@@ -124,13 +124,16 @@ class SearchResult:
         lines = ["| phase | alpha | val clean (95% CI) | val robust (95% CI) | vs alpha 0: p | vs best: p | "
                  "within clean budget |", "|---|---|---|---|---|---|---|"]
         chosen = self._chosen_display()
-        for t in self.table:
+        if isinstance(chosen, dict) and len(set(chosen.values())) == 1:  # every stage kept one alpha
+            chosen = next(iter(chosen.values()))
+        row = next((i for i, t in enumerate(self.table) if t.alpha == chosen), None)
+        for i, t in enumerate(self.table):
             alpha = f"{t.alpha:g}" if isinstance(t.alpha, float) else ", ".join(f"{k}: {v:g}" for k, v in t.alpha.items())
-            mark = " **chosen**" if t.alpha == chosen else ""
+            mark = " **chosen**" if i == row else ""
             lines.append(f"| {t.phase} | {alpha}{mark} | {_pct_ci(t.clean, t.clean_interval)} | "
                          f"{_pct_ci(t.robust, t.robust_interval)} | {t.p_vs_zero:.2g} | {t.p_vs_best:.2g} | "
                          f"{'yes' if t.allowed else 'no'} |")
-        notes = "".join(f"\n\nNote: {n}" for n in self.notes)
+        notes = "".join(f"\n\nNote: {n}" for n in self.notes if not n.startswith(NO_GAIN))  # the verdict says it
         return "\n".join(lines) + (f"\n\n{self.n_val} validation examples; score: {self.attack} "
                                    f"({self.score}); clean accuracy may drop by at most {100 * self.max_clean_drop:g} "
                                    f"percentage point(s) from alpha = 0. Rule: {self.rule}.\n\n"
@@ -139,8 +142,10 @@ class SearchResult:
     def verdict_line(self) -> str:
         zero = self.baseline
         if self.verdict == NO_GAIN:
-            return (f"{NO_GAIN}: no alpha beats alpha = 0 ({100 * zero.robust:.1f}% robust) beyond the noise of "
-                    f"{self.n_val} validation examples; alpha = {self._alpha_text()} (the model unchanged)")
+            best = next((t for t in self.table if t.alpha == self.best_alpha), zero)
+            return (f"{NO_GAIN}: the best alpha, {best.alpha:g} ({100 * best.robust:.1f}% robust), is within the "
+                    f"noise of {self.n_val} validation examples of alpha = 0 ({100 * zero.robust:.1f}%, McNemar "
+                    f"p = {best.p_vs_zero:.2g}); alpha = {self._alpha_text()} (the model unchanged)")
         return (f"alpha = {self._alpha_text()}: {100 * self.robust:.1f}% robust vs {100 * zero.robust:.1f}% at "
                 f"alpha = 0 on validation, a gain beyond noise")
 
