@@ -327,3 +327,19 @@ def test_list_inputs_are_exported_with_dynamic_sizes():
     assert gm.meta["fxsparse_capture"].path == "export"
     other = [torch.rand(3, 10, 12), torch.rand(3, 10, 12)]
     assert torch.equal(gm(other), model(other))
+
+
+def test_save_and_load_keep_several_and_keyword_inputs(tmp_path):
+    model, pairs = TwoImages().eval(), _pairs()
+    two = fxsparse.sparsify(model, [{"image1": x, "image2": y} for x, y in pairs], alpha=0.3)
+    fxsparse.save(two, tmp_path / "two.fxs")
+    again = fxsparse.load(model, tmp_path / "two.fxs")
+    assert torch.equal(again(*pairs[0]), two(*pairs[0]))
+
+    labelled = AnySize().eval()
+    x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    gm = fxsparse.sparsify(labelled, None, example_inputs={"x": x, "labels": labels},
+                           forward_loop=lambda m: m(x=x, labels=labels), alpha=0.3)
+    fxsparse.save(gm, tmp_path / "kw.fxs")
+    loaded = fxsparse.load(labelled, tmp_path / "kw.fxs")
+    assert all(torch.equal(a, b) for a, b in zip(loaded(x=x, labels=labels), gm(x=x, labels=labels)))
