@@ -194,6 +194,9 @@ def test_submodule_is_sparsified_inside_a_copy_of_the_whole_model(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model(imgs), whole(imgs)))
     records = fxsparse.audit(whole)
     assert [r.site for r in records] == ["backbone.2", "backbone.4"] and all(r.calibrated for r in records)
+    assert records.to_dict()["capture"]["path"] == "fx"
+    graph_sites = {d["site"] for _, d in records.to_networkx().nodes(data=True) if d.get("meansparse")}
+    assert graph_sites == {"backbone.2", "backbone.4"}
     fxsparse.set_alpha(whole, 0.5)
     with torch.no_grad():
         changed = whole(imgs)
