@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, U
 import torch
 from torch import fx, nn
 
-from fxsparse._meta import PREPARE_META
+from fxsparse._meta import PREPARE_META, SITE_META
 from fxsparse.calibrate import calibrate
 from fxsparse.capture import capture as capture_model
 from fxsparse.capture import copy_model
@@ -179,6 +179,9 @@ def splice_part(whole: nn.Module, path: str, part_call: Call, model_inputs: Mapp
     gm = _prepare_graph(part, part_call, select, capture, placement, channel_dims, stacklevel=4)
     for op in meansparse_ops(gm).values():
         op.site, op.module_path = f"{path}.{op.site}", f"{path}.{op.module_path}"
+    for node in gm.graph.nodes:
+        if SITE_META in node.meta:
+            node.meta[SITE_META] = f"{path}.{node.meta[SITE_META]}"
     gm.meta[PREPARE_META].update(submodule=path, model_inputs=dict(model_inputs))
     for key, value in vars(part).items():  # plain attributes the parent may read (backbone.out_channels)
         if (not key.startswith("_") and key not in vars(gm) and key != "training"

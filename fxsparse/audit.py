@@ -136,6 +136,9 @@ class Audit(List[SiteRecord]):
 def audit(model: nn.Module) -> Audit:
     """One record per MeanSparse site of `model`, in graph order."""
     records = [_record(op) for op in meansparse_ops(model).values()]
+    if not isinstance(model, fx.GraphModule):  # a model with a sparsified part (prepare(..., submodule=))
+        model = next((m for m in model.modules() if isinstance(m, fx.GraphModule) and CAPTURE_META in m.meta),
+                     model)
     report = getattr(model, "meta", {}).get(CAPTURE_META) if isinstance(model, fx.GraphModule) else None
     capture = report.as_dict() if report is not None else {}
     graph = model.graph if isinstance(model, fx.GraphModule) else None

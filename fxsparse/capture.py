@@ -13,6 +13,11 @@
 
 The user's model is never modified: it is deep-copied and traced in eval mode (MeanSparse is an inference
 defence, and calibration uses eval statistics).
+
+Capture is quiet: what torch prints or logs while a path fails (tracebacks, guards, graphs) stays out of the
+terminal, and the user gets one CaptureError with torch's error as its `__cause__` (`FXSPARSE_DEBUG=1` lets
+torch's output through). Every captured graph carries an `InputGuard` pre-hook, so that a call the graph cannot
+take (a keyword it has no input for, a size export fixed) is refused with our error, not torch's.
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import fx, nn
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxsparse._meta import INNER_META, SHAPE_META
 from fxsparse.errors import FxsparseValueError
@@ -78,7 +77,10 @@ class _FakeProp(FakeTensorProp):
         return super().call_module(target, args, kwargs)
 
 
-class _RealProp(ShapeProp):
+class _RealProp(fx.Interpreter):
+    """Real execution, shapes only: torch's ShapeProp prints a traceback of its own for a node that fails,
+    before the error that says the same reaches whoever catches it."""
+
     def __init__(self, gm, recorder):
         super().__init__(gm)
         self.recorder = recorder
@@ -88,6 +90,9 @@ class _RealProp(ShapeProp):
         out = super().run_node(n)
         n.meta[SHAPE_META] = _shape_of(out)
         return out
+
+    def propagate(self, *args):
+        return self.run(*args)
 
 
 class _PreservedState:

@@ -194,6 +194,9 @@ def test_submodule_is_sparsified_inside_a_copy_of_the_whole_model(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model(imgs), whole(imgs)))
     records = fxsparse.audit(whole)
     assert [r.site for r in records] == ["backbone.2", "backbone.4"] and all(r.calibrated for r in records)
+    assert records.to_dict()["capture"]["path"] == "fx"
+    graph_sites = {d["site"] for _, d in records.to_networkx().nodes(data=True) if d.get("meansparse")}
+    assert graph_sites == {"backbone.2", "backbone.4"}
     fxsparse.set_alpha(whole, 0.5)
     with torch.no_grad():
         changed = whole(imgs)
@@ -327,3 +330,19 @@ def test_list_inputs_are_exported_with_dynamic_sizes():
     assert gm.meta["fxsparse_capture"].path == "export"
     other = [torch.rand(3, 10, 12), torch.rand(3, 10, 12)]
     assert torch.equal(gm(other), model(other))
+
+
+def test_save_and_load_keep_several_and_keyword_inputs(tmp_path):
+    model, pairs = TwoImages().eval(), _pairs()
+    two = fxsparse.sparsify(model, [{"image1": x, "image2": y} for x, y in pairs], alpha=0.3)
+    fxsparse.save(two, tmp_path / "two.fxs")
+    again = fxsparse.load(model, tmp_path / "two.fxs")
+    assert torch.equal(again(*pairs[0]), two(*pairs[0]))
+
+    labelled = AnySize().eval()
+    x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    gm = fxsparse.sparsify(labelled, None, example_inputs={"x": x, "labels": labels},
+                           forward_loop=lambda m: m(x=x, labels=labels), alpha=0.3)
+    fxsparse.save(gm, tmp_path / "kw.fxs")
+    loaded = fxsparse.load(labelled, tmp_path / "kw.fxs")
+    assert all(torch.equal(a, b) for a, b in zip(loaded(x=x, labels=labels), gm(x=x, labels=labels)))
