@@ -115,3 +115,34 @@ def test_interrupted_and_resumed_evaluation_equals_an_uninterrupted_one(tmp_path
         evaluate(_model(), StopsOnce(x, y, at=1), eps=0.1, attacks=attacks, checkpoint=path)
     with pytest.raises(fxsparse.PersistenceError, match="eps differ"):
         evaluate(_model(), StopsOnce(x, y, at=99), eps=0.2, attacks=attacks, checkpoint=path)
+
+
+class Tripped(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_search_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    import fxsparse.robust.search as search
+
+    x, y = _data()
+    options = dict(eps=0.1, attack="pgd:steps=2", alphas=(0.0, 0.3, 0.6, 1.0), max_clean_drop=1.0)
+    whole = fxsparse.search_alpha(_model(), (x, y), **options)
+    path = tmp_path / "search.ckpt"
+    calls, real = [], search.evaluate
+
+    def failing_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Tripped()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "evaluate", failing_third)
+    with pytest.raises(Tripped):
+        fxsparse.search_alpha(_model(), (x, y), checkpoint=path, **options)
+    calls.clear()
+    monkeypatch.setattr(search, "evaluate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = fxsparse.search_alpha(_model(), (x, y), checkpoint=path, **options)
+    assert len(calls) == len(whole.table) - 2 and not path.exists()  # two trials replayed from the file
+    assert resumed.alpha == whole.alpha and resumed.verdict == whole.verdict
+    assert [(t.phase, t.alpha, t.clean, t.robust) for t in resumed.table] == [
+        (t.phase, t.alpha, t.clean, t.robust) for t in whole.table]

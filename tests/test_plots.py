@@ -6,7 +6,8 @@ from torch import nn
 
 import fxsparse
 from fxsparse.errors import FxsparseError
-from fxsparse.tools.plots import plot_audit, plot_search, wilson
+from fxsparse.robust.compare import wilson
+from fxsparse.robust.plots import plot_audit, plot_search
 
 pytest.importorskip("matplotlib")
 
@@ -41,6 +42,6 @@ def test_audit_plot(tmp_path):
 
 
 def test_wilson_interval():
-    lo, hi = wilson(0.5, 100)
+    lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
-    assert wilson(0.0, 10)[0] == 0.0 and wilson(1.0, 10)[1] == 1.0
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0

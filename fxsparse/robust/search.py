@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
+import sys
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -35,9 +37,11 @@ import torch
 from torch import nn
 
 from fxsparse.controls import set_alpha
-from fxsparse.errors import FxsparseValueError, SearchWarning, SelectionError
-from fxsparse.robust.compare import LEVEL, mcnemar_exact
-from fxsparse.robust.evaluation import MODES, evaluate, example_fingerprints, iter_batches, parse_attack
+from fxsparse.errors import FxsparseValueError, PersistenceError, SearchWarning, SelectionError
+from fxsparse.robust.compare import LEVEL, mcnemar_exact, wilson
+from fxsparse.robust.evaluation import MODES, evaluate, iter_batches, parse_attack
+from fxsparse.robust.resume import ResumeFile
+from fxsparse.robust.sharding import example_fingerprints, gather_strings
 from fxsparse.robust.guards import check_budget
 from fxsparse.robust.outputs import LogitsFn
 from fxsparse.ops import meansparse_ops
@@ -57,16 +61,6 @@ def default_attack() -> str:
     """The search's default score attack: APGD-CE (reference implementation) when pyautoattack is installed,
     else FALLBACK_ATTACK. Both run through straight-through gradients (score="bpda")."""
     return "apgd-ce" if importlib.util.find_spec("pyautoattack") is not None else FALLBACK_ATTACK
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> Tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion k / n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def paired_p(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,6 +113,13 @@ class SearchResult:
     @property
     def gain(self) -> bool:
         return self.verdict != NO_GAIN
+
+    def plot(self, path, **options) -> str:
+        """A PNG of clean and robust validation accuracy against alpha, with intervals and the chosen alpha
+        marked (matplotlib, the `plot` extra): fxsparse/robust/plots.py."""
+        from fxsparse.robust.plots import plot_search
+
+        return plot_search(self, path, **options)
 
     def to_markdown(self) -> str:
         lines = ["| phase | alpha | val clean (95% CI) | val robust (95% CI) | vs alpha 0: p | vs best: p | "
@@ -214,6 +215,7 @@ def search_alpha(
     apply: bool = True,
     bounds: Tuple[float, float] = (0.0, 1.0),
     logits: LogitsFn = None,
+    checkpoint: Union[str, "os.PathLike[str]", None] = None,
 ) -> SearchResult:
     """Pick alpha for a calibrated model on `val_data` (validation only; never the test split), by the rule
     in the module docstring (RULE); the result says whether the gain over alpha = 0 is beyond noise.
@@ -230,6 +232,13 @@ def search_alpha(
             {stage name: site glob or globs}).
         apply: leave the model at the chosen alpha (otherwise restore the alphas it had).
         bounds, logits: as in `fxsparse.evaluate` (input range; scores from the model's output).
+        checkpoint: a file recording every finished trial (atomically; one file per rank); rerunning the same
+            call replays them without attacking again and gives the uninterrupted search's result. Deleted
+            when the search finishes.
+
+    Under torch.distributed, `val_data` is this rank's shard: every trial is scored over the union of the
+    shards (see `fxsparse.evaluate`), so every rank takes the same decisions and returns the same result.
+    One progress bar counts the trials (alphas x the attack), with the current alpha and its robust accuracy.
     """
     attack = default_attack() if attack is None else attack
     if score not in SCORES:
@@ -253,14 +262,24 @@ def search_alpha(
     before = {name: float(op.alpha) for name, op in ops.items()}
     stages = _stages(list(ops), per_stage) if per_stage else {}
     table: List[Trial] = []
+    replay = _Replay(checkpoint, dict(attack=attack, score=score, eps=float(eps), norm=norm, seed=int(seed),
+                                      max_clean_drop=float(max_clean_drop), batch_size=int(batch_size),
+                                      max_examples=max_examples, bounds=[float(b) for b in bounds],
+                                      sites=sorted(ops)))
+    bar = _trials_bar(len(grid) + len(stages) * (len(grid) - 1), progress)
 
     def trial(phase: str, alpha, shown=None) -> Trial:
-        set_alpha(model, alpha)
-        report = evaluate(model, batches, eps=eps, norm=norm, attacks=["clean", attack], modes=SCORES[score],
-                          seed=seed, progress=progress, bounds=bounds, logits=logits)
-        clean_result = report["clean"]
-        clean_correct = clean_result.correct.get("plain", clean_result.correct.get("bpda"))
-        robust_correct = torch.stack([report.results[1].correct[m] for m in SCORES[score]]).all(0)
+        saved = replay.next(phase, alpha)
+        if saved is not None:
+            clean_correct, robust_correct = saved
+        else:
+            set_alpha(model, alpha)
+            report = evaluate(model, batches, eps=eps, norm=norm, attacks=["clean", attack], modes=SCORES[score],
+                              seed=seed, progress=progress, bounds=bounds, logits=logits)
+            clean_result = report["clean"]
+            clean_correct = clean_result.correct.get("plain", clean_result.correct.get("bpda"))
+            robust_correct = torch.stack([report.results[1].correct[m] for m in SCORES[score]]).all(0)
+            replay.record(phase, alpha, clean_correct, robust_correct)
         n = len(robust_correct)
         clean, robust = float(clean_correct.float().mean()), float(robust_correct.float().mean())
         allowed = not table or clean >= table[0].clean - max_clean_drop - 1e-12
@@ -269,6 +288,8 @@ def search_alpha(
                   paired_p(robust_correct, table[0].robust_correct) if table else 1.0,
                   robust_correct=robust_correct)
         table.append(t)
+        bar.update(1)
+        bar.set_postfix_str(f"alpha {t.alpha if isinstance(t.alpha, float) else 'per stage'}: robust {100 * robust:.1f}%")
         return t
 
     try:
@@ -282,16 +303,64 @@ def search_alpha(
     except BaseException:
         set_alpha(model, before)
         raise
+    finally:
+        bar.close()
     set_alpha(model, chosen if apply else before)
-    fingerprints = frozenset(f for x, y in batches for f in example_fingerprints(x, y))
+    fingerprints = frozenset(gather_strings([f for x, y in batches for f in example_fingerprints(x, y)]))
     scalar = [t for t in table if isinstance(t.alpha, float)]
     best_scalar = _best(scalar)
     for t in table:
         t.p_vs_best = paired_p(t.robust_correct, best_scalar.robust_correct)
     result = SearchResult(chosen, best.clean, best.robust, table, attack, score, max_clean_drop,
-                          sum(len(y) for _, y in batches), stages, fingerprints, verdict, best_scalar.alpha)
+                          table[0].n, stages, fingerprints, verdict, best_scalar.alpha)
     _warn(result, scalar, best_scalar)
+    replay.discard()
     return result
+
+
+def _trials_bar(total: int, enabled: Optional[bool]):
+    from tqdm.auto import tqdm
+
+    enabled = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, desc="alpha search", unit="trial", disable=not enabled)
+
+
+class _Replay:
+    """The search's checkpoint: finished trials in order (their per-example outcomes); a rerun replays them.
+    Trials come in a fixed order given their outcomes, so replaying the saved ones reproduces every decision;
+    a trial asked for out of that order means the file belongs to another search, and is refused."""
+
+    def __init__(self, path, config: Mapping[str, Any]):
+        self.file = ResumeFile(path, "alpha search", config) if path is not None else None
+        self.saved, self.done, self.index = {}, [], 0
+        if self.file is not None:
+            self.saved, progress = self.file.load()
+            self.done = progress.get("trials", [])
+
+    def next(self, phase: str, alpha):
+        i, self.index = self.index, self.index + 1
+        if i >= len(self.done):
+            return None
+        if self.done[i] != [phase, _json_alpha(alpha)]:
+            raise PersistenceError(f"{self.file.path} records another search (trial {i} was {self.done[i]}, "
+                                   f"this one is {[phase, _json_alpha(alpha)]}); delete it to start over")
+        return self.saved[f"{i}/clean"], self.saved[f"{i}/robust"]
+
+    def record(self, phase: str, alpha, clean: torch.Tensor, robust: torch.Tensor) -> None:
+        if self.file is None:
+            return
+        i = len(self.done)
+        self.done.append([phase, _json_alpha(alpha)])
+        self.saved[f"{i}/clean"], self.saved[f"{i}/robust"] = clean, robust
+        self.file.save(self.saved, {"trials": self.done})
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.discard()
+
+
+def _json_alpha(alpha):
+    return {k: float(v) for k, v in alpha.items()} if isinstance(alpha, Mapping) else float(alpha)
 
 
 def _best(trials: Sequence[Trial]) -> Trial:

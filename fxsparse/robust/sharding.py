@@ -55,3 +55,14 @@ def gather_examples(values: torch.Tensor) -> torch.Tensor:
     padded[: values.numel()] = values.detach().cpu().flatten().to(wire)
     parts = all_gather(padded)
     return torch.cat([p[:n] for p, n in zip(parts, lengths)]).to(values.dtype)
+
+
+def gather_strings(values: List[str]) -> List[str]:
+    """Every rank's strings (fingerprints), concatenated in rank order; the list itself outside
+    torch.distributed."""
+    _, size = rank_and_size()
+    if size == 1:
+        return list(values)
+    out: List[List[str]] = [[] for _ in range(size)]
+    torch.distributed.all_gather_object(out, list(values))
+    return [v for part in out for v in part]

@@ -7,9 +7,8 @@ Both write a PNG of a fixed size (`size` in inches at `dpi`) and return the path
 """
 from __future__ import annotations
 
-import math
 import os
-from typing import Sequence, Tuple
+from typing import Sequence
 
 from fxsparse.errors import FxsparseError
 
@@ -25,15 +24,6 @@ def _pyplot():
     return plt
 
 
-def wilson(p: float, n: int, z: float = 1.96) -> Tuple[float, float]:
-    """The Wilson score interval of a binomial proportion p observed on n trials."""
-    if n <= 0 or p != p:
-        return float("nan"), float("nan")
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def _save(fig, path, dpi: int) -> str:
     path = os.fspath(path)
     fig.savefig(path, dpi=dpi)
@@ -45,7 +35,7 @@ def _save(fig, path, dpi: int) -> str:
 
 def plot_search(result, path, *, size: Sequence[float] = (7.0, 4.5), dpi: int = 100) -> str:
     """Clean and robust validation accuracy of every global alpha a `SearchResult` tried (per-stage trials
-    are not on one alpha axis and are left out), with Wilson 95% intervals; the chosen alpha is marked."""
+    are not on one alpha axis and are left out), with their Wilson 95% intervals; the chosen alpha is marked."""
     plt = _pyplot()
     trials = sorted((t for t in result.table if isinstance(t.alpha, (int, float))), key=lambda t: t.alpha)
     if not trials:
@@ -54,7 +44,7 @@ def plot_search(result, path, *, size: Sequence[float] = (7.0, 4.5), dpi: int = 
     fig, ax = plt.subplots(figsize=tuple(size))
     for field, label, colour in (("clean", "clean", "tab:blue"), ("robust", f"robust ({result.score})", "tab:red")):
         values = [getattr(t, field) for t in trials]
-        lows, highs = zip(*(wilson(v, result.n_val) for v in values))
+        lows, highs = zip(*(getattr(t, f"{field}_interval") for t in trials))
         ax.plot(alphas, [100 * v for v in values], "o-", color=colour, label=label)
         ax.fill_between(alphas, [100 * v for v in lows], [100 * v for v in highs], color=colour, alpha=0.15)
     if isinstance(result.alpha, (int, float)):
