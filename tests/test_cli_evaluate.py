@@ -41,7 +41,7 @@ def test_evaluate_json_with_search_and_placement(files, capsys):
                "--placement", "residual", "--format", "json", "--no-baseline"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"sparsified", "alpha", "placement", "search", "search_verdict"}
+    assert set(doc) == {"sparsified", "alpha", "placement", "search", "search_verdict", "processes"}
     verdict = doc["search_verdict"]
     assert verdict["verdict"] in ("no detectable gain", "gain beyond noise") and "McNemar" in verdict["rule"]
     assert doc["alpha"] == (0.0 if verdict["verdict"] == "no detectable gain" else 0.5)  # 2-point grid: exact

@@ -48,6 +48,13 @@ def _cmd_audit(args) -> int:
     if submodule:
         note += f"; submodule {submodule!r} sparsified inside the whole model"
     report = fxsparse.audit(gm)
+    if args.plot:
+        if not args.calibrate:
+            raise fxsparse.FxsparseValueError("--plot draws calibrated statistics: give --calibrate N too")
+        from fxsparse.robust.plots import plot_audit
+
+        plot_audit(report, args.plot)
+        print(f"fxsparse: per-site plot written to {args.plot}", file=sys.stderr)
     if args.format == "json":
         print(report.to_json())
     else:
@@ -58,23 +65,7 @@ def _cmd_audit(args) -> int:
     return 0
 
 
-def _load_split(path: str):
-    """An (x, y) pair from a file written with torch.save: a tuple/list (x, y) or a dict with x/y keys."""
-    from fxsparse.errors import FxsparseValueError
-
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError) as exc:
-        raise FxsparseValueError(f"cannot read data file {path}: {exc}") from exc
-    if isinstance(obj, dict):
-        obj = (obj.get("x", obj.get("images")), obj.get("y", obj.get("labels")))
-    if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
-        raise FxsparseValueError(f"{path} must hold (x, y) tensors: torch.save((images, labels), path), or a dict "
-                            "with keys x and y")
-    return tuple(obj)
-
-
-def _with_model_normalization(name: str, model):
+def _with_model_normalization(name: str, model, log=lambda m: print(m, file=sys.stderr)):
     """The model with its input normalisation inside (timm: pretrained_cfg; torchvision: the weights'
     transforms), so that data files hold [0, 1] images and the attacks' eps and bounds mean what they say."""
     import fxsparse
@@ -92,59 +83,99 @@ def _with_model_normalization(name: str, model):
     try:
         mean, std = fxsparse.normalization_of(source)
     except fxsparse.FxsparseError:
-        print(f"fxsparse: no input normalisation known for {name}; the model gets the [0, 1] images as they are "
-              "(--normalization none silences this)", file=sys.stderr)
+        log(f"fxsparse: no input normalisation known for {name}; the model gets the [0, 1] images as they are "
+            "(--normalization none silences this)")
         return model
-    print(f"fxsparse: normalisation inside the model (mean {mean}, std {std}); data files hold [0, 1] images",
-          file=sys.stderr)
+    log(f"fxsparse: normalisation inside the model (mean {mean}, std {std}); data files hold [0, 1] images")
     return fxsparse.with_normalization(model, mean, std)
 
 
-def _evaluation_setup(args):
-    """(model, {calibration, validation, test}) for `fxsparse evaluate`."""
-    from fxsparse.tools import demo
-    from fxsparse.tools.zoo import load_model
+def _distributed(args):
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started here, NCCL with one
+    GPU per process for --device cuda, gloo otherwise."""
+    import os
 
-    splits = {}
-    if args.data == "digits" or args.model == "digits":
-        digits = demo.load_digits_splits(args.split_seed)
-        splits = {"calibration": digits["train"], "validation": digits["val"], "test": digits["test"]}
-    for key, path in (("calibration", args.calibration), ("validation", args.validation),
-                      ("test", args.data if args.data not in (None, "digits") else None)):
-        if path:
-            splits[key] = _load_split(path)
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = (args.device or "").startswith("cuda")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _evaluation_setup(args, rank: int, world: int):
+    """(model, {calibration, validation, test}) for `fxsparse evaluate`: each split this rank's share."""
+    from fxsparse.errors import FxsparseValueError
+    from fxsparse.tools import data, demo
+    from fxsparse.tools.zoo import load_model, resolve
+
+    log = (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None)
+    digits = demo.load_digits_splits(args.split_seed) if "digits" in (args.data, args.model) else None
     if args.model == "digits":
         config = dict(demo.CONFIG, epochs=args.epochs, width=args.width)
-        model = demo.trained_model(digits, config, log=lambda m: print(m, file=sys.stderr))
+        model, library, name = demo.trained_model(digits, config, log=log), "digits", "digits"
     else:
         model, _ = load_model(args.model, pretrained=args.pretrained, device=args.device or "cpu")
+        library, name = resolve(args.model)
         if args.weights:
-            model.load_state_dict(torch.load(args.weights, weights_only=True, map_location="cpu"))
-        if args.normalization == "auto":
-            model = _with_model_normalization(args.model, model)
+            data.load_weights(model, args.weights)
+    transform = None
+    if any(str(p).startswith(data.IMAGEFOLDER) for p in (args.data, args.calibration, args.validation) if p):
+        transform = data.unnormalized_transform(model, library, name)
+    if library != "digits" and args.normalization == "auto":
+        model = _with_model_normalization(args.model, model, log)
+    splits = {}
+    if digits is not None:  # the digits splits, unless files replace one
+        splits = {"calibration": digits["train"], "validation": digits["val"], "test": digits["test"]}
+    for key, spec in (("calibration", args.calibration), ("validation", args.validation),
+                      ("test", args.data if args.data not in (None, "digits") else None)):
+        if spec:
+            splits[key] = data.load_split(spec, transform, args.batch_size)
     missing = [k for k in ("calibration", "test") if k not in splits] + (
         ["validation"] if args.search and "validation" not in splits else [])
     if missing:
-        from fxsparse.errors import FxsparseValueError
+        raise FxsparseValueError(f"fxsparse evaluate needs {' and '.join(missing)} data: give --data digits, or "
+                                 "--calibration, --validation (for --search) and --data as .pt files or "
+                                 "imagefolder:DIR")
+    return model.eval(), {k: data.shard(v, rank, world) for k, v in splits.items()}
 
-        raise FxsparseValueError(f"fxsparse evaluate needs {' and '.join(missing)} data: give --data digits, or files "
-                            "with --calibration, --validation (for --search) and --data")
-    return model.eval(), splits
+
+def _calibration_batches(split, batch_size: int):
+    """Calibration batches: a DataLoader as it is (read once, in one pass), tensors cut into batches."""
+    from fxsparse.robust.evaluation import iter_batches
+
+    return list(iter_batches(split, batch_size)) if isinstance(split, tuple) else split
 
 
 def _cmd_evaluate(args) -> int:
+    rank, world = _distributed(args)
+    try:
+        return _evaluate(args, rank, world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _evaluate(args, rank: int, world: int) -> int:
     import fxsparse
 
-    model, splits = _evaluation_setup(args)
+    if args.plot and not args.search:
+        raise fxsparse.FxsparseValueError("--plot draws the alpha search: give --search too")
+    model, splits = _evaluation_setup(args, rank, world)
     if args.device:
         model = model.to(args.device)
     select = {"kinds": args.kinds} if args.kinds else None
-    from fxsparse.robust.evaluation import iter_batches
-
-    calib = list(iter_batches(splits["calibration"], args.batch_size))
-    gm = fxsparse.sparsify(model, [x.to(args.device or "cpu") for x, _ in calib], alpha=0.0, select=select,
-                           placement=args.placement, progress=args.progress)
-    common = dict(eps=args.eps, norm=args.norm, seed=args.seed, batch_size=args.batch_size, progress=args.progress)
+    gm = fxsparse.sparsify(model, _calibration_batches(splits["calibration"], args.batch_size), alpha=0.0,
+                           select=select, placement=args.placement, progress=args.progress)
+    common = dict(eps=args.eps, norm=args.norm, seed=args.seed, batch_size=args.batch_size,
+                  progress=args.progress if rank == 0 else False)
     search = None
     if args.search:
         import warnings
@@ -163,12 +194,18 @@ def _cmd_evaluate(args) -> int:
     reports["sparsified"] = fxsparse.evaluate(gm, splits["test"], attacks=args.attacks, search=search,
                                               max_examples=args.max_examples, baseline=reports.get("original"),
                                               **common)
+    if rank != 0:  # every rank holds the same result; one prints it
+        return 0
+    if args.plot:
+        search.plot(args.plot)
+        print(f"fxsparse: alpha search plot written to {args.plot}", file=sys.stderr)
     if args.format == "json":
         import json
 
         doc = {name: r.to_dict() for name, r in reports.items()}
         doc["alpha"] = search.alpha if search else args.alpha
         doc["placement"] = args.placement
+        doc["processes"] = world
         if search:
             doc["search"] = [t.to_dict() for t in search.table]
             doc["search_verdict"] = {"verdict": search.verdict, "line": search.verdict_line(), "rule": search.rule,
@@ -193,11 +230,14 @@ def _add_evaluate(sub) -> None:
                         "(on the validation split), and report every attack on the test split, on the model as is "
                         "and through straight-through gradients (BPDA), beside the original model.")
     ev.add_argument("model", help="'digits' (the demo's CNN, trained and cached) or a timm / torchvision name")
-    ev.add_argument("--data", help="'digits' or a torch.save'd (x, y) file of test images in [0, 1] (not normalised: "
-                    "the model's normalisation goes inside it, see --normalization)")
-    ev.add_argument("--calibration", help="(x, y) file to calibrate on (training images)")
-    ev.add_argument("--validation", help="(x, y) file to search alpha on; disjoint from --data")
-    ev.add_argument("--weights", help="state_dict file for the model")
+    ev.add_argument("--data", metavar="SOURCE", help="test images: 'digits', a torch.save'd (x, y) file of images in "
+                    "[0, 1], or imagefolder:DIR (class subfolders, read with the model's own preprocessing, not "
+                    "normalised: the model's normalisation goes inside it, see --normalization)")
+    ev.add_argument("--calibration", metavar="SOURCE", help="images to calibrate on (training images), as --data")
+    ev.add_argument("--validation", metavar="SOURCE", help="images to search alpha on, as --data; disjoint from it")
+    ev.add_argument("--weights", help="a state_dict or training checkpoint (.pth / .pt / .safetensors; 'state_dict' "
+                    "or 'model' entries and 'module.' prefixes are handled) for the model")
+    ev.add_argument("--plot", metavar="PNG", help="with --search: draw validation accuracy against alpha to this file")
     ev.add_argument("--attacks", nargs="+", default=["clean", "pgd", "square"], metavar="ATTACK",
                     help=f"attacks with options, e.g. pgd:steps=50 square:queries=500; known: {', '.join(ATTACKS)}")
     ev.add_argument("--eps", type=float, default=0.1, help="perturbation budget on [0, 1] inputs (default 0.1)")
@@ -254,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibrate on N batches of Gaussian noise to show statistics (illustration only)")
     audit.add_argument("--batch", type=int, default=4, help="batch size for --calibrate")
     audit.add_argument("--alpha", type=float, default=0.2, help="alpha to show with --calibrate")
+    audit.add_argument("--plot", metavar="PNG", help="with --calibrate: draw the replaced fraction and the channel "
+                       "std of every site, in graph order, to this file")
     audit.set_defaults(func=_cmd_audit)
     _add_evaluate(sub)
     return parser

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from fxsparse.errors import FxsparseError
+from fxsparse.errors import FxsparseValueError
 
 IMAGEFOLDER = "imagefolder:"
 
@@ -45,14 +45,14 @@ def unnormalized_transform(model: torch.nn.Module, library: str, name: str) -> C
         try:
             preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
         except (ValueError, AttributeError) as exc:
-            raise FxsparseError(f"torchvision has no published preprocessing for {name!r}; give .pt files of "
+            raise FxsparseValueError(f"torchvision has no published preprocessing for {name!r}; give .pt files of "
                                 "images in [0, 1] instead of an image folder") from exc
         if not isinstance(preset, ImageClassification):
-            raise FxsparseError(f"{name!r} is not an image classifier in torchvision; give .pt files instead")
+            raise FxsparseValueError(f"{name!r} is not an image classifier in torchvision; give .pt files instead")
         return ImageClassification(crop_size=preset.crop_size[0], resize_size=preset.resize_size[0],
                                    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation=preset.interpolation,
                                    antialias=preset.antialias)
-    raise FxsparseError(f"no preprocessing known for a {library} model")
+    raise FxsparseValueError(f"no preprocessing known for a {library} model")
 
 
 def load_tensors(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +60,11 @@ def load_tensors(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError) as exc:
-        raise FxsparseError(f"cannot read data file {path}: {exc}") from exc
+        raise FxsparseValueError(f"cannot read data file {path}: {exc}") from exc
     if isinstance(obj, dict):
         obj = (obj.get("x", obj.get("images")), obj.get("y", obj.get("labels")))
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
-        raise FxsparseError(f"{path} must hold (x, y) tensors: torch.save((images, labels), path), or a dict "
+        raise FxsparseValueError(f"{path} must hold (x, y) tensors: torch.save((images, labels), path), or a dict "
                             "with keys x and y")
     return tuple(obj)
 
@@ -75,11 +75,11 @@ def image_folder(directory: str, transform: Callable, batch_size: int = 64, work
     from torchvision.datasets import ImageFolder
 
     if not os.path.isdir(directory):
-        raise FxsparseError(f"{IMAGEFOLDER}{directory}: no such folder")
+        raise FxsparseValueError(f"{IMAGEFOLDER}{directory}: no such folder")
     try:
         dataset = ImageFolder(directory, transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise FxsparseError(f"{IMAGEFOLDER}{directory} is not a folder of class subfolders of images: {exc}") from exc
+        raise FxsparseValueError(f"{IMAGEFOLDER}{directory} is not a folder of class subfolders of images: {exc}") from exc
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
@@ -87,6 +87,55 @@ def load_split(spec: str, transform: Optional[Callable] = None, batch_size: int 
     """The data named by `spec` (see the module docstring): an (x, y) pair of tensors or a DataLoader."""
     if spec.startswith(IMAGEFOLDER):
         if transform is None:
-            raise FxsparseError(f"{spec}: the model's preprocessing is unknown; give .pt files of images in [0, 1]")
+            raise FxsparseValueError(f"{spec}: the model's preprocessing is unknown; give .pt files of images in [0, 1]")
         return image_folder(spec[len(IMAGEFOLDER):], transform, batch_size)
     return load_tensors(spec)
+
+
+def shard(split: Any, rank: int, world: int, batch_size: int = 64) -> Any:
+    """This rank's contiguous share of a split (ranks in order give the whole split back, each example
+    once: no padding repeats as DistributedSampler adds without drop_last)."""
+    if world == 1:
+        return split
+    if isinstance(split, tuple):
+        x, y = split
+        bounds = [len(x) * r // world for r in range(world + 1)]
+        return x[bounds[rank]:bounds[rank + 1]], y[bounds[rank]:bounds[rank + 1]]
+    dataset = split.dataset
+    bounds = [len(dataset) * r // world for r in range(world + 1)]
+    part = torch.utils.data.Subset(dataset, range(bounds[rank], bounds[rank + 1]))
+    return torch.utils.data.DataLoader(part, batch_size=split.batch_size, shuffle=False,
+                                       num_workers=split.num_workers)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Load a state_dict or a timm / torchvision training checkpoint into `model`: a .safetensors file or a
+    torch.save'd dict, the weights at the top or under 'state_dict' / 'model' / 'state_dict_ema', 'module.'
+    prefixes (DataParallel / DDP) removed. Read without unpickling arbitrary objects."""
+    if not os.path.isfile(path):
+        raise FxsparseValueError(f"--weights {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise FxsparseValueError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}"[:400]) from exc
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FxsparseValueError(f"{path} holds no state_dict (a dict of tensors, possibly under 'state_dict' or 'model')")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise FxsparseValueError(f"{path} does not fit the model: {str(exc).splitlines()[-1].strip()}; check the "
+                                 "architecture name") from exc
+    if missing or unexpected:
+        raise FxsparseValueError(f"{path} does not fit the model: missing keys {list(missing)[:5]}, unexpected keys "
+                            f"{list(unexpected)[:5]}; check the architecture name")
+    return model
