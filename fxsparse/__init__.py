@@ -17,7 +17,8 @@ bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
     prepare    fxsparse/api.py             capture + place + splice; sparsify = prepare + calibrate + alpha
     calibrate  fxsparse/calibrate.py       exact per-channel mean/std of each site's input over data
                                            (fxsparse/stats.py; checkpoints: fxsparse/checkpoint.py; across
-                                           processes: fxsparse/distributed.py)
+                                           processes: fxsparse/distributed.py; as one compiled
+                                           program: fxsparse/calibrate_compiled.py)
     controls   fxsparse/controls.py        set_alpha, straight_through
     audit      fxsparse/audit.py           one record per site: Markdown, JSON, networkx
     files      fxsparse/persist.py         save / load (safetensors + JSON header, fxsparse/safefile.py)
