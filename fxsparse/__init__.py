@@ -39,9 +39,10 @@ Graph meta keys live in fxsparse/_meta.py; helpers shared across layers in fxspa
 """
 from __future__ import annotations
 
-from fxsparse.errors import (BackendError, CalibrationError, CaptureError, FxsparseError, FxsparseTypeError,
-                             FxsparseValueError, InputRangeError, LayoutWarning, MissingDependencyError,
-                             NoActivationWarning, PersistenceError, SearchWarning, SelectionError)
+from fxsparse.errors import (BackendError, CalibrationError, CaptureError, DistributedError, FxsparseError,
+                             FxsparseTypeError, FxsparseValueError, InputRangeError, LayoutWarning,
+                             MissingDependencyError, NoActivationWarning, PersistenceError, SearchWarning,
+                             SelectionError)
 from fxsparse.ops import MeanSparse, eager_kernel, meansparse_ops, set_eager_kernel
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
 from fxsparse.passes.locate import Selection, Site, locate
@@ -63,12 +64,18 @@ from fxsparse.robust.search import SearchResult, search_alpha
 from fxsparse._version import __version__
 
 __all__ = [
-    "sparsify", "prepare", "calibrate", "set_alpha", "audit", "straight_through", "register_activation",
-    "MeanSparse", "meansparse_ops", "set_eager_kernel", "eager_kernel", "FxsparseError", "CaptureError",
-    "CalibrationError", "SelectionError",
-    "FxsparseValueError", "FxsparseTypeError", "InputRangeError", "BackendError", "MissingDependencyError", "SearchWarning",
-    "Selection", "Site", "Audit", "SiteRecord", "ActivationKind", "activation_kinds", "capture", "locate", "splice",
-    "backend", "MeanSparseBackend", "statistics", "save", "load", "PersistenceError", "NoActivationWarning",
-    "LayoutWarning", "evaluate", "Evaluation", "compare", "Comparison", "with_normalization", "normalization_of",
-    "search_alpha", "SearchResult", "place", "PRESETS", "residual_joins", "from_meansparse",
+    # the pipeline
+    "sparsify", "prepare", "calibrate", "set_alpha", "audit", "straight_through", "save", "load",
+    "from_meansparse", "with_normalization", "normalization_of",
+    # the operator and its kernels
+    "MeanSparse", "meansparse_ops", "set_eager_kernel", "eager_kernel",
+    # passes, for compile pipelines and control
+    "capture", "locate", "place", "splice", "residual_joins", "PRESETS", "Selection", "Site",
+    "register_activation", "ActivationKind", "activation_kinds", "backend", "MeanSparseBackend", "statistics",
+    # results
+    "Audit", "SiteRecord", "evaluate", "Evaluation", "compare", "Comparison", "search_alpha", "SearchResult",
+    # errors and warnings
+    "FxsparseError", "FxsparseValueError", "FxsparseTypeError", "CaptureError", "CalibrationError", "SelectionError",
+    "PersistenceError", "InputRangeError", "BackendError", "DistributedError", "MissingDependencyError",
+    "NoActivationWarning", "LayoutWarning", "SearchWarning",
 ]

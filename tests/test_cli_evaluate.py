@@ -6,7 +6,7 @@ import torch
 
 from fxsparse.tools.cli import main
 
-pytest.importorskip("pyautoattack")
+from fxsparse.testing.markers import needs_reference_attacks
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,7 @@ def test_evaluate_refuses_pixels_and_budgets_in_the_wrong_units(files, tmp_path,
     assert "Did you mean 8/255" in capsys.readouterr().err
 
 
+@needs_reference_attacks
 @pytest.mark.slow
 def test_evaluate_digits_from_the_readme(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FXSPARSE_CACHE", str(tmp_path))

@@ -25,7 +25,10 @@ def test_no_graph_breaks(name):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
-def test_new_alpha_and_straight_through_do_not_recompile_the_forward():
+def test_new_alpha_does_not_recompile_and_straight_through_compiles_once():
+    """Alpha is a buffer: a new alpha reuses the compiled graph. The straight-through switch is a Python flag
+    that changes the program (another autograd function), so its first use compiles a second graph; switching
+    back and forth after that reuses both."""
     _, gm, size = _sparsified("tv_resnet18")
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -39,6 +42,16 @@ def test_new_alpha_and_straight_through_do_not_recompile_the_forward():
         compiled(x)
     assert counter.frame_count == 1
     assert not torch.equal(first, second)
+    fxsparse.set_alpha(gm, 0.6)
+    for _ in range(2):
+        with fxsparse.straight_through(gm):
+            xi = x.clone().requires_grad_(True)
+            out = compiled(xi)
+            out.sum().backward()
+        assert torch.equal(out.detach(), second) and xi.grad.abs().sum() > 0  # forward unchanged
+        with torch.no_grad():
+            assert torch.equal(compiled(x), second)
+    assert counter.frame_count == 2  # inference, and BPDA with autograd: each compiled once, not per toggle
 
 
 # MeanSparse jumps by alpha * std at the band edge, so an input one ulp away from the edge in eager and on the

@@ -122,7 +122,8 @@ def test_every_error_class_is_an_fxsparse_error_and_the_builtin_of_its_cause():
 
     builtin = {"FxsparseValueError": ValueError, "FxsparseTypeError": TypeError, "CaptureError": RuntimeError,
                "CalibrationError": ValueError, "SelectionError": ValueError, "PersistenceError": ValueError,
-               "InputRangeError": ValueError, "BackendError": RuntimeError, "MissingDependencyError": ImportError}
+               "InputRangeError": ValueError, "BackendError": RuntimeError, "MissingDependencyError": ImportError,
+               "DistributedError": RuntimeError}
     classes = {name: cls for name, cls in vars(errors).items()
                if isinstance(cls, type) and issubclass(cls, Exception) and cls is not errors.FxsparseError
                and not issubclass(cls, Warning)}

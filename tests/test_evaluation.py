@@ -9,7 +9,7 @@ import fxsparse
 from fxsparse.robust import attacks
 from fxsparse.robust.evaluation import ATTACKS, evaluate, parse_attack
 
-pytest.importorskip("pyautoattack")
+from fxsparse.testing.markers import needs_reference_attacks
 
 
 def _tiny(seed=0):
@@ -55,8 +55,10 @@ def test_straight_through_gradient_is_the_identity_inside_the_band():
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.08), ("l2", 0.6)])
 @pytest.mark.parametrize("name,options", [
-    ("pgd", {"steps": 10}), ("apgd-ce", {"steps": 10}), ("apgd-dlr", {"steps": 10}),
-    ("apgd-t", {"steps": 5, "targets": 2}), ("square", {"queries": 40}),
+    ("pgd", {"steps": 10}),
+    *[pytest.param(name, options, marks=needs_reference_attacks) for name, options in (
+        ("apgd-ce", {"steps": 10}), ("apgd-dlr", {"steps": 10}), ("apgd-t", {"steps": 5, "targets": 2}),
+        ("square", {"queries": 40}))],
 ])
 def test_each_attack_on_a_tiny_model(data, name, options, norm, eps):
     x, y = data
@@ -73,6 +75,7 @@ def test_each_attack_on_a_tiny_model(data, name, options, norm, eps):
     assert torch.equal(adv, fn(model, x, y, eps, norm=norm, seed=3, **options))  # deterministic by seed
 
 
+@needs_reference_attacks
 def test_standard_autoattack_runs_with_small_budgets(data):
     x, y = data
     model = _tiny()
@@ -89,6 +92,7 @@ def test_missing_pyautoattack_is_a_clear_error(monkeypatch, data):
         attacks.apgd(_tiny(), x, y, 0.1)
 
 
+@needs_reference_attacks
 def test_reference_attacks_refuse_other_input_ranges(data):
     x, y = data
     with pytest.raises(fxsparse.FxsparseError, match="inside the model"):
@@ -105,6 +109,7 @@ def test_parse_attack():
         parse_attack("pgd:steps")
 
 
+@needs_reference_attacks
 def test_evaluate_reports_both_columns_and_bpda_sees_through_the_mask(data, sparse):
     x, y = data
     fxsparse.set_alpha(sparse, 2.0)  # a wide band: most gradients through the operator are zero
@@ -195,8 +200,8 @@ def test_with_normalization_moves_the_normalisation_into_the_model(data):
 
 
 def test_normalization_of_timm_and_torchvision():
-    timm = pytest.importorskip("timm")
-    torchvision = pytest.importorskip("torchvision")
+    import timm
+    import torchvision
     imagenet = [0.485, 0.456, 0.406, 0.229, 0.224, 0.225]
 
     def flat(pair):
@@ -231,6 +236,7 @@ class _Output(nn.Module):
                 "custom": {"scores": z}}[self.form]
 
 
+@needs_reference_attacks
 @pytest.mark.parametrize("form", ["tuple", "list", "dict", "custom"])
 def test_every_output_form_gives_the_same_evaluation(data, form):
     x, y = data
@@ -245,6 +251,7 @@ def test_every_output_form_gives_the_same_evaluation(data, form):
             evaluate(model, (x, y), eps=0.08, attacks=["clean"])
 
 
+@needs_reference_attacks
 @pytest.mark.slow  # importing transformers and capturing with torch.export: several seconds
 def test_tiny_hugging_face_vit_sparsified_and_evaluated():
     transformers = pytest.importorskip("transformers")

@@ -11,7 +11,7 @@ from torch import nn
 import fxsparse
 from fxsparse.robust.evaluation import evaluate
 
-pytest.importorskip("pyautoattack")
+from fxsparse.testing.markers import needs_reference_attacks
 
 ATTACKS = ["clean", "pgd:steps=3,restarts=2"]
 REFERENCE = ["apgd-ce:steps=3"]  # pyautoattack computes in float32
@@ -55,6 +55,7 @@ def _worker(rank, init, out):
         dist.destroy_process_group()
 
 
+@needs_reference_attacks
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_over_the_union(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

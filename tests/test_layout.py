@@ -12,7 +12,7 @@ import fxsparse
 from fxsparse._meta import LAYOUT_META, PREPARE_META
 from fxsparse.passes.layout import analyze
 
-timm = pytest.importorskip("timm")
+import timm  # noqa: E402
 from timm.layers import register_notrace_module  # noqa: E402
 
 B, H, W, C, HID, WS = 2, 6, 10, 12, 20, 2  # distinct sizes: a wrong axis shows up as a wrong channel count

@@ -253,11 +253,33 @@ def test_random_models_alpha_zero_exact_and_one_operator_per_activation_call(ste
     assert all(r.channels == C for r in fxsparse.audit(gm))
     with torch.no_grad():
         assert torch.equal(gm(x.clone()), model(x.clone()))
-    if n_acts:
-        fxsparse.calibrate(gm, [_input(), _input()])
+    if not n_acts:
+        return
+    data = [_input(), _input()]
+    fxsparse.calibrate(gm, data)
+    seen = {op: [] for op in fxsparse.meansparse_ops(gm).values()}  # each operator's inputs and outputs
+    handles = [op.register_forward_pre_hook(lambda m, a: seen[m].append([a[0].clone()])) for op in seen]
+    handles += [op.register_forward_hook(lambda m, a, out: seen[m][-1].append(out.clone())) for op in seen]
+    with torch.no_grad():
+        for batch in data:  # alpha = 0: the inputs calibration saw
+            gm(batch.clone())
+        for op, calls in seen.items():  # the statistics are the pooled per-channel mean and std of those inputs
+            inputs = torch.cat([c[0].movedim(op.dim, 0).reshape(op.channels, -1) for c in calls], 1).double()
+            torch.testing.assert_close(op.mean.double(), inputs.mean(1), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(op.std.double(), inputs.std(1, correction=0), rtol=1e-4, atol=1e-5)
+            calls.clear()
         fxsparse.set_alpha(gm, 0.3)
-        with torch.no_grad():
-            assert gm(x).shape == model(x).shape
+        gm(x.clone())
+    for h in handles:
+        h.remove()
+    replaced = 0
+    for op, [(i, out)] in seen.items():  # every operator applied the formula to what reached it
+        shape = [1] * i.dim()
+        shape[op.dim] = -1
+        mean, std = op.mean.view(shape), op.std.view(shape)
+        assert torch.equal(out, torch.where((i - mean).abs() < 0.3 * std, mean.expand_as(i), i))
+        replaced += int((out != i).sum())
+    assert replaced > 0
 
 
 def test_fake_shape_propagation_shortcut_for_linear_layers_gives_the_real_shapes():

@@ -121,8 +121,14 @@ def test_module_dtype_cast_keeps_working():
     op.alpha.fill_(1.0)
     op.count.fill_(1)
     op = op.half()
-    x = torch.zeros(2, 4, 3, dtype=torch.float16)
-    assert op(x).dtype == torch.float16
+    assert op.mean.dtype == op.std.dtype == torch.float16 and op.count.dtype == torch.int64
+    x = torch.tensor([0.3, 1.4, 1.6, 3.0], dtype=torch.float16).view(1, 4, 1).expand(2, 4, 3).contiguous()
+    y = op(x)
+    # means 0, 1, 2, 3 and std 1 at alpha 1: each value lies within one std of its channel's mean and becomes
+    # that mean, in float16; a value outside every band stays
+    assert y.dtype == torch.float16 and torch.equal(y[:, :, 0], torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 2).half())
+    far = torch.full((1, 4, 1), 10.0, dtype=torch.float16)
+    assert torch.equal(op(far), far)
 
 
 @given(cases(dtypes=[torch.float32, torch.bfloat16]))
