@@ -39,10 +39,10 @@ from torch import nn
 import fxsparse
 from fxsparse.tools import demo
 from fxsparse.robust.evaluation import evaluate
-from fxsparse.robust.search import search_alpha
+from fxsparse.robust.search import DEFAULT_ALPHAS, search_alpha
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+ALPHAS = DEFAULT_ALPHAS
 CONFIGS = {
     # about 30 minutes on two busy CPU cores
     "small": dict(seeds=(0, 1, 2), epochs=30, width=32, eps=0.1, train_steps=5, pgd_steps=20, square_queries=300,

@@ -61,7 +61,7 @@ from fxsparse.robust.compare import Comparison, compare
 from fxsparse.robust.evaluation import Evaluation, evaluate
 from fxsparse.robust.search import SearchResult, search_alpha
 
-from fxsparse._version import __version__
+from fxsparse._version import __version__  # noqa: F401
 
 __all__ = [
     # the pipeline

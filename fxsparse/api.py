@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, U
 import torch
 from torch import fx, nn
 
+from fxsparse.util import first_line
 from fxsparse._meta import PREPARE_META, SITE_META
 from fxsparse.calibrate import calibrate
 from fxsparse.capture import capture as capture_model
@@ -152,7 +153,7 @@ def record_calls(model: nn.Module, part: nn.Module, run: Callable[[nn.Module], A
     except Exception as exc:
         raise CaptureError(f"running {type(model).__name__} on the example inputs to record what "
                            f"{'it' if part is model else 'its part'} receives failed: "
-                           f"{type(exc).__name__}: {exc}".splitlines()[0][:400]) from exc
+                           f"{first_line(exc, 400)}") from exc
     finally:
         for h in handles:
             h.remove()

@@ -11,7 +11,6 @@ import dataclasses
 import json
 from typing import Any, Dict, List, Optional
 
-import torch
 from torch import fx, nn
 
 from fxsparse.errors import FxsparseValueError

@@ -18,8 +18,6 @@ them exactly in a second pass instead.
 from __future__ import annotations
 
 import collections.abc
-import itertools
-import math
 import os
 import sys
 import warnings
@@ -28,9 +26,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Uni
 import torch
 from torch import fx, nn
 
+from fxsparse.util import first_line, model_state
 from fxsparse._meta import PREPARE_META
 from fxsparse.checkpoint import CalibrationCheckpoint
-from fxsparse.diagnose import describe_tensors, failing_node
+from fxsparse.diagnose import failing_node
 from fxsparse.distributed import (check_same_across_ranks, failing_together, merge_stats_across_ranks, on_rank,
                                   sum_across_ranks, sum_counters_across_ranks)
 from fxsparse.errors import CalibrationError, FxsparseTypeError, NoActivationWarning
@@ -78,12 +77,6 @@ def _total(data: Any, max_batches: Optional[int]) -> Optional[int]:
     return n if max_batches is None else min(n, max_batches)
 
 
-def _device(gm: nn.Module) -> Optional[torch.device]:
-    for t in itertools.chain(gm.parameters(), gm.buffers()):
-        return t.device
-    return None
-
-
 class _SiteObserver:
     """A site's observer: checks that the input has the operator's channel count, then records it."""
 
@@ -114,7 +107,7 @@ def _failure(gm: nn.Module, call: Call, i: int, exc: Exception) -> CalibrationEr
         return CalibrationError(f"calibration batch {i}{on_rank()}: {exc}; calibrate on inputs like the ones "
                                 f"given to fxsparse.prepare{_prepared_inputs(gm)}")
     where = failing_node(gm, call.args) if not call.kwargs else None
-    first = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+    first = first_line(exc)
     return CalibrationError(
         f"calibration batch {i}{on_rank()} (inputs [{call.describe()}]) failed in the model: "
         + (where or first)
@@ -168,8 +161,8 @@ def _run_loop(gm, loop: ForwardLoop, observers, *, max_batches, start, after_bat
         if isinstance(exc, CalibrationError) and "calibration batch" in str(exc):
             raise
         if not state["in_call"]:  # the user's loop itself failed, between model calls
-            raise CalibrationError((f"forward_loop raised after {state['i']} model call(s){on_rank()}: "
-                                    f"{type(exc).__name__}: {exc}").splitlines()[0][:400]) from exc
+            raise CalibrationError(f"forward_loop raised after {state['i']} model call(s){on_rank()}: "
+                                   f"{first_line(exc, 400)}") from exc
         raise _failure(gm, state["call"], state["i"], exc) from exc
     finally:
         for h in handles:
@@ -184,7 +177,7 @@ def _run_pass(gm, data, observers: Dict[MeanSparse, Any], *, max_batches, progre
     `observers` attached; returns the number of batches done (skipped ones included)."""
     if isinstance(data, ForwardLoop):
         return _run_loop(gm, data, observers, max_batches=max_batches, start=start, after_batch=after_batch)
-    device = _device(gm)
+    device, _ = model_state(gm)
     record = find_record(gm)
     _attach(observers)
     done = start

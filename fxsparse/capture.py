@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import fx, nn
 
+from fxsparse.util import first_line
 from fxsparse._meta import ACTIVATION_MODULE_META, CAPTURE_META, PATH_META, SHAPES_META
 from fxsparse.errors import CaptureError, FxsparseValueError
 from fxsparse.inputs import Call, as_call, bound_names
@@ -168,7 +169,7 @@ class ActivationTracer(fx.Tracer):
         except Exception as exc:  # any tracing failure: keep it as a leaf instead
             self._rollback(anchor)
             self.module_stack, self.num_calls = stack, calls
-            self.report.opaque_leaves[path] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            self.report.opaque_leaves[path] = first_line(exc)
             self._force_leaf.add(id(m))
             return super().call_module(m, forward, args, kwargs)
 
@@ -208,11 +209,6 @@ def _drop_unused_get_attrs(graph: fx.Graph) -> None:
 
 
 CAPTURE_METHODS = ("auto", "fx", "export")
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
 
 
 def _unbound_defaults(model: nn.Module, call: Call) -> Dict[str, Any]:
@@ -418,7 +414,7 @@ def copy_model(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).eval()
     except Exception as exc:
         raise CaptureError(
-            f"fxsparse works on a deep copy of {type(model).__name__} and cannot make one: {_first_line(exc)}. "
+            f"fxsparse works on a deep copy of {type(model).__name__} and cannot make one: {first_line(exc)}. "
             "A forward run with gradients can leave non-leaf tensors in module attributes (RAFT's correlation "
             "pyramid): run the model under torch.no_grad(), or rebuild it, before sparsifying") from exc
 
@@ -436,7 +432,7 @@ def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_ar
             if call is not None:
                 fx_gm.meta[SHAPES_META] = propagate_shapes(fx_gm, graph_inputs(fx_gm, call))
         except Exception as exc:
-            reasons["fx"], errors["fx"] = _first_line(exc), exc
+            reasons["fx"], errors["fx"] = first_line(exc), exc
             fx_gm = None
             if method == "fx":
                 raise CaptureError(f"FX capture of {type(model).__name__} failed: {reasons['fx']}") from exc
@@ -451,7 +447,7 @@ def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_ar
             gm.meta[SHAPES_META] = propagate_shapes(gm, graph_inputs(gm, call))
             return _finish(gm, reasons)
         except Exception as exc:
-            reasons["export"], errors["export"] = _first_line(exc), exc
+            reasons["export"], errors["export"] = first_line(exc), exc
     elif method in ("auto", "export"):
         reasons["export"] = "no example inputs to export with"
     if fx_gm is not None:  # export failed where FX only left modules opaque: operators go inside them
@@ -478,7 +474,7 @@ def _check_model_runs(model: nn.Module, call: Call) -> None:
     except Exception as exc:
         shapes = [tuple(t.shape) for t in call.leaves()]
         raise CaptureError(
-            f"{type(model).__name__} itself fails on example inputs of shapes {shapes}: {_first_line(exc)}. "
+            f"{type(model).__name__} itself fails on example inputs of shapes {shapes}: {first_line(exc)}. "
             "Pass example_inputs the model accepts (for timm models, the size in model.pretrained_cfg).") from exc
 
 

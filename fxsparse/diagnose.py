@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx
 
+from fxsparse.util import first_line
 from fxsparse._meta import PATH_META
 
 
@@ -54,7 +55,7 @@ def failing_node(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Optional
         with torch.no_grad():
             _StopAtFailure(gm).run(*inputs)
     except _NodeFailed as failed:
-        cause = f"{type(failed.cause).__name__}: {failed.cause}".strip().splitlines()[0][:300]
+        cause = first_line(failed.cause)
         return (f"{_layer(gm, failed.node)} (graph node {failed.node.name}) refused inputs "
                 f"[{describe_tensors(failed.inputs)}]: {cause}")
     except Exception:

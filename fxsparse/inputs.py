@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import fx, nn
 
+from fxsparse.util import model_state
 from fxsparse._meta import PREPARE_META
 from fxsparse.errors import CalibrationError, FxsparseTypeError, FxsparseValueError
 
@@ -53,13 +54,6 @@ class Call:
         return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in leaves) or "no tensors"
 
 
-def _state_tensor(model: nn.Module):
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t
-    return None
-
-
 def default_input_shape(model: nn.Module) -> Tuple[int, ...]:
     """(C, H, W) from timm's pretrained_cfg, else from the first conv or linear layer (224 x 224 images)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
@@ -78,10 +72,9 @@ def default_input_shape(model: nn.Module) -> Tuple[int, ...]:
 
 
 def default_example_inputs(model: nn.Module, batch: int = 2) -> Tuple[torch.Tensor, ...]:
-    ref = _state_tensor(model)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None else torch.float32
-    return (torch.randn(batch, *default_input_shape(model), device=device, dtype=dtype),)
+    device, dtype = model_state(model)
+    return (torch.randn(batch, *default_input_shape(model), device=device or torch.device("cpu"),
+                        dtype=dtype or torch.float32),)
 
 
 def _is_tensor_tree(value) -> bool:

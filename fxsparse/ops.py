@@ -24,6 +24,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from fxsparse.util import first_line
 from fxsparse.errors import FxsparseValueError
 
 
@@ -185,7 +186,7 @@ def _run_fused(x: torch.Tensor, mean, std, alpha, dim: int, inplace: bool) -> Op
         _fused_failed.add(key)
         warnings.warn(FusedKernelWarning(
             f"the fused eager kernel failed for {x.dtype} input of shape {tuple(x.shape)} on {x.device} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); such inputs now "
+            f"({first_line(exc, 200)}); such inputs now "
             "run on the plain ops (fxsparse.set_eager_kernel('plain') silences this)"), stacklevel=4)
         return None
     if inplace:

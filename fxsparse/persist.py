@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping
 
 import torch
 from torch import fx, nn
 
+from fxsparse.util import model_state
 from fxsparse._meta import CAPTURE_META, PREPARE_META
 from fxsparse._version import __version__
 from fxsparse.api import prepare, splice_part
 from fxsparse.errors import FxsparseTypeError, NoActivationWarning, PersistenceError
-from fxsparse.inputs import _state_tensor, call_from_record, find_record
+from fxsparse.inputs import call_from_record
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.passes.locate import Selection
 from fxsparse.safefile import read, write
@@ -84,15 +85,15 @@ def _sparsified_part(model: nn.Module) -> nn.Module:
 
 def _example_inputs(model: nn.Module, record: Mapping[str, Any], path: str) -> List[torch.Tensor]:
     """Random inputs of the recorded shapes; floating ones in the model's dtype, on the model's device."""
-    ref = _state_tensor(model)
-    device = ref.device if ref is not None else torch.device("cpu")
+    device, model_dtype = model_state(model)
+    device = device or torch.device("cpu")
     inputs = []
     for shape, name in zip(record["input_shapes"], record["input_dtypes"]):
         dtype = getattr(torch, str(name).replace("torch.", ""), None)
         if not isinstance(dtype, torch.dtype):
             raise PersistenceError(f"{path} records an unknown input dtype {name!r}")
         if dtype.is_floating_point:
-            inputs.append(torch.randn(shape, dtype=ref.dtype if ref is not None else dtype, device=device))
+            inputs.append(torch.randn(shape, dtype=model_dtype or dtype, device=device))
         else:
             inputs.append(torch.zeros(shape, dtype=dtype, device=device))
     return inputs

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Collection, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -31,13 +31,13 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
-def free_name(base: str, taken: Collection[str], start: int = 0) -> str:
-    """`base` if free, else the first free `base_1`, `base_2`, ... from `start` on (how torch.fx and fxsparse
-    name a module's second call)."""
-    if start == 0 and base not in taken:
+def free_name(base: str, taken: Callable[[str], bool], start: int = 0) -> str:
+    """`base` if not `taken`, else the first free `base_1`, `base_2`, ... from `start` on (how torch.fx and
+    fxsparse name a module's second call)."""
+    if start == 0 and not taken(base):
         return base
     count = max(start, 1)
-    while f"{base}_{count}" in taken:
+    while taken(f"{base}_{count}"):
         count += 1
     return f"{base}_{count}"
 

@@ -15,7 +15,6 @@ import math
 import operator
 from typing import Iterator, List, Optional, Set, Tuple
 
-import torch
 from torch import fx
 
 _OPERATORS = {operator.mul: "mul", operator.imul: "mul_", operator.truediv: "div", operator.itruediv: "div_",

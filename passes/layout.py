@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from fxsparse._meta import LAYOUT_META
+from fxsparse.util import submodule_of
 from fxsparse.errors import SelectionError
 from fxsparse.ops import MeanSparse
 from fxsparse.passes.composites import op_name
@@ -117,15 +118,6 @@ REDUCE_OPS = {"mean", "sum", "amax", "amin", "std", "var", "prod", "logsumexp", 
 SPLIT_OPS = {"split", "chunk", "tensor_split", "split_with_sizes", "unsafe_split", "unsafe_chunk"}
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    if node.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(node.target)
-    except AttributeError:
-        return None
-
-
 def _base(node: fx.Node) -> str:
     name = op_name(node) or ""
     return "truediv" if name == "truediv" else name
@@ -133,7 +125,7 @@ def _base(node: fx.Node) -> str:
 
 def producer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     """'first' or 'last' when `node` itself fixes the channel axis of its output."""
-    mod = _module(gm, node)
+    mod = submodule_of(gm, node)
     if mod is not None:
         if isinstance(mod, FIRST_NORM_MODULES) or isinstance(mod, FIRST_MODULES):
             return "first"
@@ -151,7 +143,7 @@ def producer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
 
 def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node` is a normalisation layer's output (a module, a function, or output 0 of a native norm)."""
-    mod = _module(gm, node)
+    mod = submodule_of(gm, node)
     if mod is not None:
         return isinstance(mod, NORM_MODULES)
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
@@ -201,24 +193,19 @@ def _declared_by_function(node: fx.Node, side: str) -> Optional[Tuple[int, str]]
 
 def declared_out(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[int, str]]:
     """(channel count, what declares it) from the parameters of the module or function that produced `node`."""
-    mod = _module(gm, node)
-    if mod is None:
-        return _declared_by_function(node, "out")
-    for attr in ("out_channels", "out_features", "num_features", "num_channels", "embed_dim"):
-        value = getattr(mod, attr, None)
-        if isinstance(value, int):
-            return value, f"{type(mod).__name__} {node.target}.{attr}={value}"
-    shape = getattr(mod, "normalized_shape", None)
-    if isinstance(shape, (tuple, list)) and len(shape) == 1:
-        return int(shape[0]), f"{type(mod).__name__} {node.target}.normalized_shape={tuple(shape)}"
-    return None
+    return _declared(gm, node, "out", ("out_channels", "out_features", "num_features", "num_channels", "embed_dim"))
 
 
 def declared_in(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[int, str]]:
-    mod = _module(gm, node)
+    """(channel count, what declares it) from the parameters of the module or function that reads `node`."""
+    return _declared(gm, node, "in", ("in_channels", "in_features", "num_features", "num_channels"))
+
+
+def _declared(gm: fx.GraphModule, node: fx.Node, side: str, attrs: Tuple[str, ...]) -> Optional[Tuple[int, str]]:
+    mod = submodule_of(gm, node)
     if mod is None:
-        return _declared_by_function(node, "in")
-    for attr in ("in_channels", "in_features", "num_features", "num_channels"):
+        return _declared_by_function(node, side)
+    for attr in attrs:
         value = getattr(mod, attr, None)
         if isinstance(value, int):
             return value, f"{type(mod).__name__} {node.target}.{attr}={value}"
@@ -229,7 +216,7 @@ def declared_in(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[int, str]]:
 
 
 def _is_pass(gm: fx.GraphModule, node: fx.Node) -> bool:
-    mod = _module(gm, node)
+    mod = submodule_of(gm, node)
     if mod is not None:
         return (isinstance(mod, PASS_MODULES) or type(mod).__name__ in PASS_MODULE_NAMES
                 or kind_of_module(mod) is not None)
@@ -285,7 +272,7 @@ class _Analysis:
             return Layout(None, "constant", const=True)  # parameters reshaped or resized, torch.ones(...), ...
         side = producer(gm, node)
         if side is not None and shape is not None:
-            what = type(_module(gm, node)).__name__ if node.op == "call_module" else _base(node)
+            what = type(submodule_of(gm, node)).__name__ if node.op == "call_module" else _base(node)
             where = f" {node.target}" if node.op == "call_module" else ""
             return Layout((1 if len(shape) > 1 else 0) if side == "first" else len(shape) - 1, f"{what}{where}")
         name = _base(node)
@@ -293,7 +280,7 @@ class _Analysis:
             return self.matmul(node)
         if node.op == "call_function" and node.target is operator.getitem:
             return self.getitem(node)
-        if _module(gm, node) is not None and isinstance(_module(gm, node), RESHAPE_MODULES) or name in RESHAPE_OPS:
+        if submodule_of(gm, node) is not None and isinstance(submodule_of(gm, node), RESHAPE_MODULES) or name in RESHAPE_OPS:
             return self.reshape(node)
         if name in PERMUTE_OPS:
             return self.permute(node)
@@ -378,7 +365,7 @@ class _Analysis:
             if side is not None and index == 0 and shape is not None:
                 return Layout((1 if len(shape) > 1 else 0) if side == "first" else len(shape) - 1,
                               f"{self.fact(src).origin}[0]" if self.fact(src).dim is not None else
-                              f"{type(_module(self.gm, src)).__name__ if src.op == 'call_module' else _base(src)}[0]")
+                              f"{type(submodule_of(self.gm, src)).__name__ if src.op == 'call_module' else _base(src)}[0]")
             return UNKNOWN
         fact = self.fact(src)
         if fact.dim is None or shape is None:

@@ -14,9 +14,10 @@ import inspect
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from fxsparse._meta import ACTIVATION_MODULE_META, PATH_META
+from fxsparse.util import free_name, scoped
 from fxsparse.errors import SelectionError
 from fxsparse.passes.composites import find_composites
 from fxsparse.passes.kinds import (ActivationKind, activation_module_classes, get_kind, kind_of_aten,
@@ -107,9 +108,9 @@ def _short_name(target) -> str:
     return name.rstrip("_") or name
 
 
-def _scoped(node: fx.Node, leaf_name: str) -> str:
-    scope = node.meta.get(PATH_META, "")
-    return f"{scope}.{leaf_name}" if scope else leaf_name
+def scoped_name(node: fx.Node, leaf_name: str) -> str:
+    """A name in the scope (module path) the node was recorded in."""
+    return scoped(node.meta.get(PATH_META, ""), leaf_name)
 
 
 def _raw_sites(gm: fx.GraphModule):
@@ -120,7 +121,7 @@ def _raw_sites(gm: fx.GraphModule):
     for node in gm.graph.nodes:
         if node in composites:
             c = composites[node]
-            yield _scoped(node, c.kind), get_kind(c.kind), node, c.inplace, None, c
+            yield scoped_name(node, c.kind), get_kind(c.kind), node, c.inplace, None, c
             continue
         if node in claimed:
             continue
@@ -144,12 +145,12 @@ def _raw_sites(gm: fx.GraphModule):
                 if node.meta.get(ACTIVATION_MODULE_META):  # export graph: the op of an activation module
                     path = node.meta.get(PATH_META, "")
                 else:
-                    path = _scoped(node, _short_name(node.target))
+                    path = scoped_name(node, _short_name(node.target))
                 yield path, kind, node, _bound_inplace(node.target, node), None, None
         elif node.op == "call_method":
             kind = kind_of_method(node.target)
             if kind is not None:
-                yield _scoped(node, _short_name(node.target)), kind, node, node.target.endswith("_"), None, None
+                yield scoped_name(node, _short_name(node.target)), kind, node, node.target.endswith("_"), None, None
 
 
 def _skip_nested(raw):
@@ -174,10 +175,7 @@ def locate(gm: fx.GraphModule, select=None) -> List[Site]:
             continue
         count = seen.get(path, 0)
         seen[path] = count + 1
-        name = path if count == 0 else f"{path}_{count}"
-        while name in used and name != path or f"{name}_meansparse" in used:
-            count += 1
-            name = f"{path}_{count}"
+        name = free_name(path, lambda n: (n in used and n != path) or f"{n}_meansparse" in used, start=count)
         if not selection.takes_site(name, path):
             continue
         used.add(f"{name}_meansparse")

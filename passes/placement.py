@@ -24,16 +24,17 @@ give one operator whose `policy` names both.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from torch import fx, nn
 
 from fxsparse._meta import PATH_META
+from fxsparse.util import free_name, submodule_of
 from fxsparse.errors import SelectionError
 from fxsparse.passes.composites import op_name
 from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
 from fxsparse.passes.layout import is_norm, layout_of
-from fxsparse.passes.locate import Site, as_selection, locate
+from fxsparse.passes.locate import Site, as_selection, locate, scoped_name
 from fxsparse.passes.shapes import node_shape
 
 PRESETS: Dict[str, Tuple[str, ...]] = {
@@ -50,17 +51,8 @@ def _is_add(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and op_name(node) in _ADDS
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    if node.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(node.target)
-    except AttributeError:
-        return None
-
-
 def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
-    mod = _module(gm, node)
+    mod = submodule_of(gm, node)
     return mod is not None and (isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd))
                                 or type(mod).__name__ == "DropPath")
 
@@ -160,14 +152,14 @@ def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
             except AttributeError:
                 pass
             continue
-        mod = _module(gm, n)
+        mod = submodule_of(gm, n)
         if mod is not None and next(mod.parameters(), None) is not None:
             return True
     return False
 
 
 def _linear_like(gm: fx.GraphModule, node: fx.Node) -> bool:
-    mod = _module(gm, node)
+    mod = submodule_of(gm, node)
     if isinstance(mod, nn.Linear):
         return True
     return isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1)
@@ -175,7 +167,7 @@ def _linear_like(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        mod = _module(gm, node)
+        mod = submodule_of(gm, node)
         return mod is not None and kind_of_module(mod) is not None
     if node.op == "call_function":
         return kind_of_function(node.target) is not None
@@ -187,7 +179,7 @@ def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _back_through_layers(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Step back over identity, dropout and LayerNorm-style layers (timm's Mlp puts a norm before fc2)."""
     while node.args and isinstance(node.args[0], fx.Node):
-        mod = _module(gm, node)
+        mod = submodule_of(gm, node)
         if not (_is_identity(gm, node) or isinstance(mod, (nn.LayerNorm, nn.GroupNorm))):
             break
         node = node.args[0]
@@ -220,15 +212,10 @@ def _join_hint(gm: fx.GraphModule, join: Join) -> Optional[Tuple[int, str]]:
     return (fact.dim, f"residual sum: {fact.rule}") if fact.dim is not None else None
 
 
-def _scoped(node: fx.Node, leaf: str) -> str:
-    scope = node.meta.get(PATH_META, "")
-    return f"{scope}.{leaf}" if scope else leaf
-
-
 def _residual_sites(gm: fx.GraphModule) -> List[Site]:
     sites = []
     for j in residual_joins(gm):
-        sites.append(Site(_scoped(j.node, "add"), j.node.meta.get(PATH_META, ""), "add", j.node, False,
+        sites.append(Site(scoped_name(j.node, "add"), j.node.meta.get(PATH_META, ""), "add", j.node, False,
                           source=j.node, consumers=list(j.node.users), policy="residual"))
     return sites
 
@@ -237,7 +224,7 @@ def _branch_sites(gm: fx.GraphModule) -> List[Site]:
     sites = []
     for j in residual_joins(gm):
         b = j.branch
-        sites.append(Site(_scoped(j.node, "branch"), j.node.meta.get(PATH_META, ""), "residual_branch", j.node, False,
+        sites.append(Site(scoped_name(j.node, "branch"), j.node.meta.get(PATH_META, ""), "residual_branch", j.node, False,
                           source=b, consumers=[j.node], policy="residual_branch", axis=_join_hint(gm, j)))
     return sites
 
@@ -295,11 +282,7 @@ def _source(site: Site) -> Optional[fx.Node]:
 
 
 def _unique(name: str, taken: Set[str], modules: Set[str]) -> str:
-    base, count = name, 0
-    while name in taken or f"{name}_meansparse" in modules:
-        count += 1
-        name = f"{base}_{count}"
-    return name
+    return free_name(name, lambda n: n in taken or f"{n}_meansparse" in modules)
 
 
 def place(gm: fx.GraphModule, select=None, placement=None) -> List[Site]:

@@ -6,12 +6,13 @@ inputs when a model does something fake tensors cannot follow.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from fxsparse.util import first_line
 from fxsparse._meta import INNER_META, SHAPE_META
 from fxsparse.errors import FxsparseValueError
 from fxsparse.passes.kinds import activation_module_classes
@@ -150,7 +151,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
                 shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
                 raise FxsparseValueError(
                     f"the captured model does not run on example inputs of shapes {shapes}: "
-                    f"{str(exc).splitlines()[0]}\nPass example_inputs the model accepts.") from exc
+                    f"{first_line(exc)}\nPass example_inputs the model accepts.") from exc
             return "real"
     finally:
         recorder.remove()

@@ -12,13 +12,13 @@ user's model) and applied by a forward pre-hook on the activation.
 """
 from __future__ import annotations
 
-import itertools
 import warnings
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
+from fxsparse.util import model_state
 from fxsparse._meta import INNER_META, PATH_META, SHAPE_META, SITE_META
 from fxsparse.errors import FxsparseValueError, LayoutWarning
 from fxsparse.ops import MeanSparse
@@ -50,12 +50,8 @@ def _activation_input(node: fx.Node) -> fx.Node:
 def _state_device(gm: fx.GraphModule) -> Tuple[torch.device, torch.dtype]:
     """Where the model's state lives and its floating dtype: operators are made alike, so that preparing a
     half-precision model and casting a prepared one give the same buffers."""
-    device, dtype = None, torch.float32
-    for t in itertools.chain(gm.parameters(), gm.buffers()):
-        device = device or t.device
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return device or torch.device("cpu"), dtype
+    device, dtype = model_state(gm)
+    return device or torch.device("cpu"), dtype or torch.float32
 
 
 def _make_op(site: Site, shape, decision: Decision, device) -> MeanSparse:

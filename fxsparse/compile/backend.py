@@ -37,6 +37,7 @@ import torch
 from torch import fx, nn
 
 from fxsparse.stats import ChannelStats
+from fxsparse.util import free_name
 from fxsparse.errors import BackendError, CalibrationError, FxsparseError, SelectionError
 from fxsparse.ops import MeanSparse, mean_sparse, meansparse_ops
 from fxsparse.passes.kinds import kind_of_module_class
@@ -223,11 +224,7 @@ class MeanSparseBackend:
         key = (path, stack, occurrence)
         if key not in self._names:
             taken = set(self._names.values())
-            unique, count = name, 0
-            while unique in taken:
-                count += 1
-                unique = f"{path}_{count}"
-            self._names[key] = unique
+            self._names[key] = name if name not in taken else free_name(path, taken.__contains__, start=1)
         return self._names[key]
 
     def _load(self, site: str, op: MeanSparse) -> None:

@@ -99,6 +99,7 @@ def pgd(
         seeds = None if example_seeds is None else [restart_seed(s, restart) for s in example_seeds]
         delta = _random_start(x, eps, norm, gen, seeds) if random_start else torch.zeros_like(x)
         delta = ((x + delta).clamp(lo, hi) - x).detach()
+        previous = delta  # the iterate before the current one, for the momentum step
         for t in range(steps):
             delta.requires_grad_(True)
             out = model(x + delta)

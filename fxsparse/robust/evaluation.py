@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import nn
 
+from fxsparse.util import model_device
 from fxsparse.robust import attacks as _attacks
 from fxsparse.robust.guards import check_batch, check_budget, check_l2_budget
 from fxsparse.robust.outputs import LogitsFn, as_classifier
@@ -198,14 +199,6 @@ def _progress(total: Optional[int], enabled: Optional[bool]):
     return tqdm(total=total, desc="evaluate", unit="batch", leave=False, disable=not enabled)
 
 
-def _device(model: nn.Module, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _plan(attacks_to_run: Sequence[Union[str, Tuple[str, Mapping[str, Any]]]]) -> List[Tuple[str, Dict]]:
     plan = []
     for spec in attacks_to_run:
@@ -282,7 +275,7 @@ def evaluate(
     check_budget(eps, norm, bounds)
     plan = _plan(attacks)
     net = as_classifier(model, logits)
-    dev = _device(model, device)
+    dev = torch.device(device) if device is not None else model_device(model)
     operators = len(meansparse_ops(model))
     results = [AttackResult(name, {k: v for k, v in opts.items()}) for name, opts in plan]
     correct: List[Dict[str, List[torch.Tensor]]] = [{m: [] for m in modes} for _ in plan]

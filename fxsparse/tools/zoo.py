@@ -136,10 +136,10 @@ def load_model(name: str, *, pretrained: str = "auto", device: str = "cpu") -> T
 def audit_inputs(name: str, model: nn.Module, shape=None, batch: int = 2):
     """(example_inputs, submodule) for `fxsparse audit`: detectors get their backbone sparsified on a list of
     images, optical-flow models two images, the rest a batch at `shape` (default: fxsparse's guess)."""
-    from fxsparse.inputs import _state_tensor, default_input_shape
+    from fxsparse.inputs import default_input_shape
+    from fxsparse.util import model_device
 
-    ref = _state_tensor(model)
-    device = ref.device if ref is not None else torch.device("cpu")
+    device = model_device(model)
     lib, bare = resolve(name)
     family = torchvision_family(bare) if lib == "torchvision" else None
     if family == "detection":
