@@ -266,6 +266,8 @@ def sparsify(
     channel_dims: Optional[Mapping[str, int]] = None,
     max_batches: Optional[int] = None,
     progress: Optional[bool] = None,
+    checkpoint=None,
+    checkpoint_every: int = 100,
 ) -> nn.Module:
     """One call: capture, locate, splice, calibrate, set `alpha`. The user's model is untouched.
 
@@ -273,7 +275,8 @@ def sparsify(
     names), or `forward_loop=fn` with `data=None`, where `fn(model)` calls the model on the user's own batches.
     Example inputs default to the first batch (or the first call of `forward_loop`); `data` is iterated
     once for them and the first calibration pass together. `submodule` sparsifies that part only (see
-    `prepare`) and returns a copy of the whole model.
+    `prepare`) and returns a copy of the whole model. `checkpoint` / `checkpoint_every` make the calibration
+    resumable (see `fxsparse.calibrate`).
     """
     _check_module(model)
     if (data is None) == (forward_loop is None):
@@ -295,6 +298,7 @@ def sparsify(
         gm = _prepare_graph(model, call, select, capture, placement, channel_dims, stacklevel=3)
     if not meansparse_ops(gm):  # prepare has warned: nothing to calibrate
         return gm
-    calibrate(gm, data, forward_loop=forward_loop, max_batches=max_batches, progress=progress)
+    calibrate(gm, data, forward_loop=forward_loop, max_batches=max_batches, progress=progress,
+              checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     set_alpha(gm, alpha)
     return gm

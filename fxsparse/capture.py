@@ -160,7 +160,8 @@ class ActivationTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         # A no-trace module that hides an activation: try to trace through it, roll back if that fails.
         anchor = self.graph._root.prev  # last node so far
-        stack, calls = copy.copy(self.module_stack), dict(self.num_calls)
+        # the tracer's own bookkeeping, restored on rollback (`num_calls` exists from torch 2.6 on)
+        stack, calls = copy.copy(self.module_stack), dict(getattr(self, "num_calls", {}))
         path = self.path_of_module(m)
         try:
             out = super().call_module(m, forward, args, kwargs)
@@ -168,7 +169,9 @@ class ActivationTracer(fx.Tracer):
             return out
         except Exception as exc:  # any tracing failure: keep it as a leaf instead
             self._rollback(anchor)
-            self.module_stack, self.num_calls = stack, calls
+            self.module_stack = stack
+            if hasattr(self, "num_calls"):
+                self.num_calls = calls
             self.report.opaque_leaves[path] = first_line(exc)
             self._force_leaf.add(id(m))
             return super().call_module(m, forward, args, kwargs)

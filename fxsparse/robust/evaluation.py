@@ -261,8 +261,9 @@ def evaluate(
             per rank); rerunning the same call resumes after them and gives the uninterrupted run's result.
             Deleted when the evaluation finishes.
 
-    Under torch.distributed, `data` is this rank's shard (a DistributedSampler, drop_last or not) and every
-    rank returns the result over the union of the shards (per-example outcomes gathered in rank order). PGD's
+    Under torch.distributed, `data` is this rank's shard (disjoint shards: DistributedSampler with
+    drop_last=True, or fxsparse.tools.data.shard; without drop_last the sampler repeats a few examples to even
+    the shards out, and those count twice) and every rank returns the result over the union of the shards (per-example outcomes gathered in rank order). PGD's
     random starts are drawn per example (fxsparse/robust/sharding.py), so its outcomes do not depend on the
     number of ranks or the batch size, up to floating-point differences between batch shapes. The reference
     attacks (APGD, Square, AutoAttack) draw per batch, from `seed`, the batch index and the rank: the same
