@@ -120,7 +120,13 @@ def _evaluation_setup(args, rank: int, world: int):
     digits = demo.load_digits_splits(args.split_seed) if "digits" in (args.data, args.model) else None
     if args.model == "digits":
         config = dict(demo.CONFIG, epochs=args.epochs, width=args.width)
-        model, library, name = demo.trained_model(digits, config, log=log), "digits", "digits"
+        if rank == 0:  # trains and caches the model once; the other processes then load it
+            model = demo.trained_model(digits, config, log=log)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            model = demo.trained_model(digits, config, log=log)
+        library, name = "digits", "digits"
     else:
         model, _ = load_model(args.model, pretrained=args.pretrained, device=args.device or "cpu")
         library, name = resolve(args.model)

@@ -127,7 +127,9 @@ def trained_model(splits, config=CONFIG, retrain: bool = False, log=print) -> nn
     t = time.time()
     model = train_pgd_at(splits, config, log)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(model.state_dict(), path)
+    tmp = f"{path}.tmp{os.getpid()}"  # atomic: a concurrent reader sees the old file or the new one
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
     log(f"  trained in {time.time() - t:.0f} s, saved to {path}")
     return model
 
