@@ -29,10 +29,12 @@ bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
 Around the pipeline, one subpackage per concern:
 
     fxsparse/robust/     attacks, evaluate (as is and with BPDA), search_alpha, compare (paired McNemar);
-                         guards (data in bounds, eps in units), outputs (logits of any classifier)
-                         (the `eval` extra)
+                         guards (data in bounds, eps in units), outputs (logits of any classifier),
+                         sharding (per-example randomness, outcomes across ranks), resume (checkpoints of
+                         long runs), plots (the `eval` and `plot` extras)
     fxsparse/compile/    a torch.compile backend for models no capture path handles whole
-    fxsparse/tools/      the `fxsparse` command, the demo, model names (zoo), the run-time coverage oracle
+    fxsparse/tools/      the `fxsparse` command, its data sources (data.py: image folders, .pt files, digits),
+                         the demo, model names (zoo), the run-time coverage oracle
     fxsparse/testing/    models and bad inputs shared by the test suite and the benchmarks
 
 Graph meta keys live in fxsparse/_meta.py; helpers shared across layers in fxsparse/util.py.

@@ -1,4 +1,5 @@
-"""Calibration across processes: every rank ends with the statistics of one process over all ranks' data.
+"""Across processes: every rank ends with the result of one process over all ranks' data (calibration
+statistics here; evaluation outcomes in fxsparse/robust/sharding.py).
 
 Each rank calibrates on its own shard (a `DistributedSampler`, say); afterwards the ranks exchange their
 partial (count, mean, M2) per site with one `all_gather` and every rank merges all partials *in rank order*

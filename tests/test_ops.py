@@ -233,7 +233,8 @@ def test_fused_kernel_property_above_threshold(data):
             ops.set_eager_kernel("plain")
         expected = ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=inplace)
     assert not ops._fused_failed
-    assert torch.equal(_bits(y), _bits(expected)) and y.stride() == x.stride()
+    strides = lambda t: [st for sz, st in zip(t.shape, t.stride()) if sz > 1]  # noqa: E731 (size-1: any)
+    assert torch.equal(_bits(y), _bits(expected)) and strides(y) == strides(x)
     if float(alpha) == 0:
         assert torch.equal(_bits(y), _bits(x))
 

@@ -25,6 +25,15 @@ def blocks(lang):
             for m in FENCE.finditer(README) if m.group("lang") == lang]
 
 
+def section_of(line: int) -> str:
+    """The `## ` heading a README line is under."""
+    heading = ""
+    for number, text in enumerate(README.splitlines()[:line], 1):
+        if text.startswith("## "):
+            heading = text[3:].strip()
+    return heading
+
+
 def test_the_readme_has_examples_and_marks_are_known():
     assert len(blocks("python")) >= 8 and len(blocks("bash")) >= 4
     assert {mark for lang in ("python", "bash") for mark, _, _ in blocks(lang)} <= {None, "compile-only", "skip"}
@@ -68,18 +77,26 @@ def _source(code: str, size=32) -> str:
 
 @pytest.mark.slow
 def test_python_blocks_run_in_order(monkeypatch, tmp_path):
+    """Blocks run in order within their section, the way a reader follows one section; every section starts
+    from what the quick start defined (`model`, `gm`, ...) and fresh stand-ins, so that one section's names
+    (a detector called `model` in "Any model") do not leak into the next."""
     monkeypatch.chdir(tmp_path)
-    namespace = dict(_standins())
+    base = dict(_standins())
+    namespaces = {}
     with _small_models(monkeypatch):
         for mark, code, line in blocks("python"):
             source = _source(code)
             compiled = compile(source, f"README.md:{line}", "exec")
             if mark in ("compile-only", "skip"):
                 continue
+            section = section_of(line)
+            namespace = base if section == "Quick start" else namespaces.setdefault(
+                section, {**base, **_standins()})
             try:
                 exec(compiled, namespace)
             except Exception as exc:  # name the block
-                raise AssertionError(f"README block at line {line} failed: {type(exc).__name__}: {exc}") from exc
+                raise AssertionError(f"README block at line {line} ({section}) failed: {type(exc).__name__}: "
+                                     f"{exc}") from exc
 
 
 def _commands():
