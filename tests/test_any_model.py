@@ -270,6 +270,14 @@ class AnySize(nn.Module):
         return y
 
 
+def _export_records_guards() -> bool:
+    """Whether this torch's exported modules carry the guard function fxsparse checks inputs against (torch
+    2.5 and 2.6 do not: a size the graph cannot take then gets torch's own RuntimeError)."""
+    program = torch.export.export(nn.Linear(2, 2), (torch.randn(1, 2),), strict=False)
+    return hasattr(program.module(), "_guards_fn")
+
+
+@pytest.mark.skipif(not _export_records_guards(), reason="this torch's exported modules have no _guards_fn")
 def test_exported_graphs_take_other_sizes_where_the_model_allows():
     model = AnySize().eval()
     gm = fxsparse.prepare(model, torch.randn(2, 3, 8, 8))

@@ -212,7 +212,7 @@ def test_export_and_reload_pt2(tmp_path):
     model = convnet()
     x = torch.randn(4, 3, 12, 12)
     gm = fxsparse.sparsify(model, [torch.randn(8, 3, 12, 12)], alpha=0.3)
-    program = torch.export.export(gm, (x,))
+    program = torch.export.export(gm, (x,), strict=False)  # the default from torch 2.7 on; strict fails on 2.5-2.6
     path = tmp_path / "sparsified.pt2"
     torch.export.save(program, path)
     loaded = torch.export.load(path).module()
