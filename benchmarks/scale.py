@@ -21,7 +21,7 @@ import time
 
 import torch
 
-COMMAND = ["evaluate", "digits", "--epochs", "30", "--attacks", "clean", "pgd:steps=100", "--alpha", "0.2",
+COMMAND = ["evaluate", "digits", "--epochs", "30", "--attacks", "clean", "pgd:steps=200", "--alpha", "0.2",
            "--format", "json", "--no-baseline", "--batch-size", "64"]
 
 
