@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import fxsparse
+from fxsparse.testing.data import CountingData
 from fxsparse.errors import CalibrationError, CaptureError, FxsparseError
 
 
@@ -130,18 +131,6 @@ def test_list_inputs_read_from_input_target_pairs_and_a_misfit_is_named():
     assert int(next(iter(fxsparse.meansparse_ops(gm).values())).count) == 3 * 36
     with pytest.raises(CalibrationError, match="saw a list of tensors"):
         fxsparse.calibrate(gm, [(imgs[0], 0)])
-
-
-class CountingData:
-    def __init__(self, batches):
-        self.batches, self.iterations = batches, 0
-
-    def __iter__(self):
-        self.iterations += 1
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
 
 
 def test_sparsify_reads_the_data_once_for_example_inputs_and_calibration():

@@ -5,6 +5,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import fxsparse
+from fxsparse.testing.data import CountingData
 from fxsparse.calibrate import batch_inputs
 from fxsparse.stats import ChannelStats
 
@@ -184,17 +185,6 @@ def test_replaced_fraction_matches_operator_on_calibration_data():
     assert abs(record.replaced - inside.item()) < 1e-6
 
 
-class CountingData:
-    """Replayable batches that count how often they are read."""
-
-    def __init__(self, batches):
-        self.batches, self.reads = batches, 0
-
-    def __iter__(self):
-        self.reads += 1
-        return iter(self.batches)
-
-
 def test_one_pass_estimate_is_close_to_the_exact_count_and_marked_as_an_estimate():
     """The default reads the data once and estimates the replaced fractions (grid fixed by the first batch,
     whose statistics differ from the final ones); measure="exact" reads it twice and counts them."""
@@ -205,9 +195,9 @@ def test_one_pass_estimate_is_close_to_the_exact_count_and_marked_as_an_estimate
     data = CountingData([torch.randn(8, 3, 6, 6) * (1 + i / 8) + i / 8 for i in range(6)])
     estimated = fxsparse.calibrate(fxsparse.prepare(model, data.batches[0]), data)
     fxsparse.set_alpha(estimated, 0.3)
-    assert data.reads == 1
+    assert data.iterations == 1
     exact = fxsparse.calibrate(fxsparse.prepare(model, data.batches[0]), data, measure="exact")
-    assert data.reads == 3
+    assert data.iterations == 3
     for name, op in fxsparse.meansparse_ops(estimated).items():
         ref = fxsparse.meansparse_ops(exact)[name]
         assert torch.equal(op.mean, ref.mean) and torch.equal(op.std, ref.std)

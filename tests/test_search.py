@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fxsparse
+from fxsparse.testing.data import CountingData
 from fxsparse.robust import search as search_module
 from fxsparse.robust.search import NO_GAIN, Trial, _best, _choose, paired_p, stage_of
 
@@ -17,15 +18,6 @@ class Tripwire:
 
     def __iter__(self):
         raise AssertionError("the test split was touched")
-
-
-class Counting:
-    def __init__(self, batches):
-        self.batches, self.iterations = batches, 0
-
-    def __iter__(self):
-        self.iterations += 1
-        return iter(self.batches)
 
 
 def _model():
@@ -51,7 +43,7 @@ def setup():
 
 def test_search_sees_validation_data_only(setup):
     gm, (vx, vy), test = setup
-    val = Counting([(vx[:20], vy[:20]), (vx[20:], vy[20:])])
+    val = CountingData([(vx[:20], vy[:20]), (vx[20:], vy[20:])])
     seen = []
     hook = gm.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     try:
