@@ -23,6 +23,7 @@ from fxsparse.util import model_state
 from fxsparse._meta import CAPTURE_META, PREPARE_META
 from fxsparse._version import __version__
 from fxsparse.api import prepare, splice_part
+from fxsparse.capture import copy_model
 from fxsparse.errors import FxsparseTypeError, NoActivationWarning, PersistenceError
 from fxsparse.inputs import call_from_record
 from fxsparse.ops import MeanSparse, meansparse_ops
@@ -160,9 +161,7 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
             told["channel_dims"] = {str(k): int(v) for k, v in record["channel_dims"].items()}
         call = call_from_record(record, inputs)
         if record.get("submodule"):  # a part of the model: the part's recorded inputs, spliced into a copy
-            import copy
-
-            gm = splice_part(copy.deepcopy(model).eval(), record["submodule"], call, record["model_inputs"],
+            gm = splice_part(copy_model(model), record["submodule"], call, record["model_inputs"],
                              selection, header.get("capture_path") or "auto", told.get("placement"),
                              told.get("channel_dims"))
         else:
