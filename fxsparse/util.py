@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -55,3 +56,11 @@ def submodule_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
 def scoped(scope: str, leaf: str) -> str:
     """"scope.leaf", or "leaf" at the root."""
     return f"{scope}.{leaf}" if scope else leaf
+
+
+def progress_bar(total: Optional[int], desc: str, unit: str, enabled: Optional[bool], leave: bool = True):
+    """A tqdm bar, shown when `enabled` (default: when stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
+    enabled = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=not enabled)

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from functools import partial
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -24,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import nn
 
-from fxsparse.util import model_device
+from fxsparse.util import model_device, progress_bar
 from fxsparse.robust import attacks as _attacks
 from fxsparse.robust.guards import check_batch, check_budget, check_l2_budget
 from fxsparse.robust.outputs import LogitsFn, as_classifier
@@ -192,13 +191,6 @@ def _predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
         return (model(x).argmax(1) == y).cpu()  # model: a Logits wrapper (fxsparse/robust/outputs.py)
 
 
-def _progress(total: Optional[int], enabled: Optional[bool]):
-    from tqdm.auto import tqdm
-
-    enabled = sys.stderr.isatty() if enabled is None else enabled
-    return tqdm(total=total, desc="evaluate", unit="batch", leave=False, disable=not enabled)
-
-
 def _plan(attacks_to_run: Sequence[Union[str, Tuple[str, Mapping[str, Any]]]]) -> List[Tuple[str, Dict]]:
     plan = []
     for spec in attacks_to_run:
@@ -298,7 +290,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        with _progress(total, progress) as bar, failing_together("evaluation", DistributedError):
+        with progress_bar(total, "evaluate", "batch", progress, leave=False) as bar, failing_together("evaluation", DistributedError):
             for index, (x, y) in enumerate(iter_batches(data, batch_size, max_examples)):
                 if index < done:  # resuming: this batch's outcomes are in the checkpoint
                     bar.update(1)

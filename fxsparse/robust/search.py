@@ -29,13 +29,13 @@ import importlib.util
 import math
 import os
 import re
-import sys
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from fxsparse.util import progress_bar
 from fxsparse.controls import set_alpha
 from fxsparse.errors import FxsparseValueError, PersistenceError, SearchWarning, SelectionError
 from fxsparse.robust.compare import LEVEL, mcnemar_exact, wilson
@@ -266,7 +266,7 @@ def search_alpha(
                                       max_clean_drop=float(max_clean_drop), batch_size=int(batch_size),
                                       max_examples=max_examples, bounds=[float(b) for b in bounds],
                                       sites=sorted(ops)))
-    bar = _trials_bar(len(grid) + len(stages) * (len(grid) - 1), progress)
+    bar = progress_bar(len(grid) + len(stages) * (len(grid) - 1), "alpha search", "trial", progress)
 
     def trial(phase: str, alpha, shown=None) -> Trial:
         saved = replay.next(phase, alpha)
@@ -316,13 +316,6 @@ def search_alpha(
     _warn(result, scalar, best_scalar)
     replay.discard()
     return result
-
-
-def _trials_bar(total: int, enabled: Optional[bool]):
-    from tqdm.auto import tqdm
-
-    enabled = sys.stderr.isatty() if enabled is None else enabled
-    return tqdm(total=total, desc="alpha search", unit="trial", disable=not enabled)
 
 
 class _Replay:
