@@ -244,6 +244,7 @@ class _Analysis:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.facts: Dict[fx.Node, Layout] = {}
+        self.order: Optional[Dict[fx.Node, int]] = None  # graph positions, built on first need
 
     def fact(self, node) -> Layout:
         return self.facts.get(node, UNKNOWN) if isinstance(node, fx.Node) else Layout(None, "constant", const=True)
@@ -330,9 +331,40 @@ class _Analysis:
         if len(votes) == 1:
             return _at(next(iter(votes.items())))
         if len(votes) > 1:
+            skip = self.stream_operand(node)
+            if skip is not None and self.fact(skip).dim in votes:  # x + f(x): the sum lives in x's space
+                return self.fact(skip).moved(self.fact(skip).dim, "residual stream (the skip's axis)")
             rules = "; ".join(f"dim {d} from {f.rule}" for d, f in votes.items())
             return Layout(None, f"operands disagree ({rules})")
         return UNKNOWN
+
+    def stream_operand(self, node: fx.Node) -> Optional[fx.Node]:
+        """x in a residual sum x + f(x) whose operands disagree about the axis (a token-mixing branch:
+        transpose, Linear over the tokens, transpose back): the operand the other is computed from. Searched
+        only when operands disagree, which is rare, so the analysis stays linear on ordinary graphs."""
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if _base(node) not in ("add", "add_", "iadd") or len(operands) != 2:
+            return None
+        a, b = operands
+        if node_shape(a) != node_shape(b):
+            return None
+        return a if self.reaches(a, b) else b if self.reaches(b, a) else None
+
+    def reaches(self, source: fx.Node, node: fx.Node) -> bool:
+        """Whether `node` is computed from `source` (a search back from `node` over nodes after `source`)."""
+        if self.order is None:
+            self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        start = self.order[source]
+        stack, seen = list(node.all_input_nodes), set()
+        while stack:
+            n = stack.pop()
+            if n is source:
+                return True
+            if n in seen or self.order.get(n, -1) < start:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return False
 
     def matmul(self, node: fx.Node) -> Layout:
         """a @ W (a weight): the last dim. a @ b (two activations): the output's last axis is b's last, its

@@ -17,7 +17,9 @@ Presets reproduce the MeanSparse authors' published models (RobustBench's Meansp
 A residual join is an add (`+`, `+=`, `torch.add`, `aten.add`) of two tensors of the output's shape where
 one operand is computed from the other (x + f(x), looking through identity and dropout modules), or where,
 inside a module, both are computed from the module's input (a projection shortcut: proj(x) + f(x)). Adds of
-a parameter or buffer (position embeddings, attention biases) are not joins. Policies produce `Site` objects
+a parameter or buffer (position embeddings, attention biases) are not joins, nor are attention scores (a sum
+every use of which reaches a softmax through arithmetic and view ops: BoTNet's and HaloNet's relative-position
+logits added to q @ k^T), which have no channel axis. Policies produce `Site` objects
 with `source` and `consumers`, which the splice pass already supports; two policies that pick the same tensor
 give one operator whose `policy` names both.
 """
@@ -121,6 +123,8 @@ def residual_joins(gm: fx.GraphModule) -> List[Join]:
             continue
         if layout_of(gm, node).const:  # a sum of parameters (position embeddings resized to the input)
             continue
+        if _attention_scores(gm, node):  # relative-position logits added to attention logits (BoTNet, HaloNet)
+            continue
         a, b = operands
         anc = {a: _ancestors(a), b: _ancestors(b)}
         join = None
@@ -137,6 +141,34 @@ def residual_joins(gm: fx.GraphModule) -> List[Join]:
         if join is not None and _learned(gm, anc[join.branch] - anc[join.skip] - {join.skip}):
             joins.append(join)
     return joins
+
+
+_SCORE_STEPS = {"add", "add_", "iadd", "sub", "mul", "mul_", "truediv", "div", "masked_fill", "masked_fill_",
+                "reshape", "view", "permute", "transpose", "unsqueeze", "expand", "contiguous", "flatten", "float",
+                "to", "_to_copy", "_unsafe_view", "clone"}
+_SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
+
+
+def _attention_scores(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether every use of `node` reaches a softmax through elementwise arithmetic and view ops only: the sum
+    is a score (attention logits plus a relative-position bias), a tensor with no channel axis, not a feature
+    stream."""
+    stack, seen, found = list(node.users), set(), False
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        mod = submodule_of(gm, n)
+        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) or mod is None and op_name(n) in _SOFTMAX:
+            found = True
+        elif mod is None and n.op in ("call_function", "call_method") and op_name(n) in _SCORE_STEPS:
+            if not n.users:
+                return False
+            stack.extend(n.users)
+        else:
+            return False
+    return found
 
 
 def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:

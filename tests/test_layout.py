@@ -225,7 +225,7 @@ def test_backend_selection_by_site_name_or_module_path():
 
 
 # ---- property: random residual streams with permutes, token reshapes, rolls and splits -------------------------
-STEPS = st.lists(st.sampled_from(["roll", "tokens", "split", "window", "opaque", "mlp", "nchw_conv"]),
+STEPS = st.lists(st.sampled_from(["roll", "tokens", "split", "window", "opaque", "mlp", "nchw_conv", "token_mix"]),
                  min_size=50, max_size=60)
 
 
@@ -246,6 +246,8 @@ class RandomStream(nn.Module):
                 m.fc1, m.act, m.fc2 = nn.Linear(C, HID), nn.GELU(), nn.Linear(HID, C)
             elif s == "nchw_conv":
                 m.conv, m.act = nn.Conv2d(C, C, 3, padding=1), nn.SiLU()
+            elif s == "token_mix":  # ResMLP / MLP-Mixer: a Linear over the tokens, between two transposes
+                m.fc = nn.Linear(H * W, H * W)
             else:
                 m.fc = nn.Linear(C, C)
             self.blocks.append(m)
@@ -270,6 +272,8 @@ class RandomStream(nn.Module):
                 h = m.fc2(m.act(m.fc1(h)))
             elif s == "nchw_conv":
                 h = m.act(m.conv(h.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+            elif s == "token_mix":
+                h = m.fc(h.reshape(B, H * W, C).transpose(1, 2)).transpose(1, 2).reshape(B, H, W, C)
             x = x + h
         return x.mean((1, 2))
 
@@ -284,3 +288,54 @@ def test_random_streams_every_site_has_its_declared_channel_count(steps):
     for r in audit:
         expected = HID if r.kind == "gelu" else C
         assert r.channels == expected and not r.axis_default, (r.site, r.dim, r.axis_rule)
+
+
+class TokenMixStream(nn.Module):
+    """ResMLP: a (B, N, C) stream; blocks alternate a Linear over the tokens (between two transposes) and an
+    MLP over the channels, each behind a per-channel scale."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.embed = nn.Conv2d(3, C, 1)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            m = nn.Module()
+            m.scale1, m.scale2 = nn.Parameter(torch.rand(C)), nn.Parameter(torch.rand(C))
+            m.tokens = nn.Linear(H * W, H * W)
+            m.fc1, m.act, m.fc2 = nn.Linear(C, HID), nn.GELU(), nn.Linear(HID, C)
+            self.blocks.append(m)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        for m in self.blocks:
+            x = x + m.scale1 * m.tokens(x.transpose(1, 2)).transpose(1, 2)
+            x = x + m.scale2 * m.fc2(m.act(m.fc1(x)))
+        return x.mean(1)
+
+
+def test_token_mixing_residuals_keep_the_streams_channel_axis():
+    """The token-mixing branch's last axis before the transpose back is the tokens, so the operands of its
+    sum disagree (dim 1 vs dim 2); the sum takes the skip's axis and every one of 2 x 26 joins has C channels."""
+    gm = _prepare_strict(TokenMixStream(26).eval(), torch.randn(B, 3, H, W), placement="residual")
+    audit = fxsparse.audit(gm)
+    assert len(audit) == 52
+    assert all(r.channels == C and not r.axis_default for r in audit), [(r.site, r.axis_rule) for r in audit]
+    assert "residual stream" in audit[0].axis_rule
+
+
+@pytest.mark.parametrize("name,joins", [("resmlp_12_224", 24), ("botnet26t_256", 8), ("halonet_h1", 19)])
+def test_timm_models_whose_sums_once_needed_a_default(name, joins):
+    """The census found default axes in these (meta device): ResMLP's token-mixing sums, and the attention
+    scores of BoTNet and HaloNet (relative-position logits added to q @ k^T), which are not residual joins."""
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+    x = torch.empty(2, 3, *model.pretrained_cfg["input_size"][1:], device="meta")
+    gm = fxsparse.capture(model, (x,))
+    from fxsparse.passes.splice import decide_site
+
+    for policy in ("residual", "residual_branch"):
+        sites = fxsparse.place(gm, None, policy)
+        decisions = [decide_site(gm, s) for s in sites]
+        assert len(sites) == joins
+        assert not any(d.default for d in decisions), [(s.name, d.rule) for s, d in zip(sites, decisions)]
+        assert not any("self_attn" in s.name for s in sites)

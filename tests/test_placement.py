@@ -177,3 +177,25 @@ def test_rotary_sums_of_buffers_are_not_residual_joins():
     gm = fxsparse.capture(nn.Sequential(Rotary()).eval(), (torch.randn(2, 5, 8),))
     joins = fxsparse.residual_joins(gm)
     assert len(joins) == 1 and joins[0].skip.op == "placeholder"
+
+
+class RelPosAttention(nn.Module):
+    """Attention whose logits get a relative-position term computed from q by a learned table (BoTNet)."""
+
+    def __init__(self, dim=8, tokens=5):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel = nn.Parameter(torch.randn(tokens, dim))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        attn = (q @ k.transpose(-1, -2)) * 0.3
+        rel = (q @ self.rel.t()).unsqueeze(-1).expand(-1, -1, -1, q.shape[1])
+        attn = attn + (rel[..., 0] + rel[..., 1])  # sums of scores: no channel axis
+        return x + self.proj(attn.softmax(-1) @ v)
+
+
+def test_attention_scores_are_not_residual_joins():
+    gm = fxsparse.capture(nn.Sequential(RelPosAttention()).eval(), (torch.randn(2, 5, 8),))
+    joins = fxsparse.residual_joins(gm)
+    assert len(joins) == 1 and joins[0].skip.op == "placeholder"
