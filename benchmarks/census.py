@@ -354,7 +354,16 @@ def layout_rows(name, timeout):
     return rows
 
 
+def _layout_worker(task):
+    import torch
+
+    torch.set_num_threads(1)
+    return layout_rows(*task)
+
+
 def run_layout(args):
+    """Layout census over timm models: parallel over --workers processes, resumable (models already in the CSV
+    are skipped), one CSV row per model and policy."""
     import random
 
     import timm
@@ -364,14 +373,25 @@ def run_layout(args):
         names = sorted(random.Random(0).sample(names, min(args.sample, len(names))))
     if args.limit:
         names = names[:args.limit]
-    with open(args.out, "w", newline="") as f:
+    done = set()
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {r["model"] for r in csv.DictReader(f)}
+    todo = [n for n in names if n not in done]
+    print(f"{len(names)} models, {len(names) - len(todo)} already in {args.out}, {len(todo)} to go",
+          file=sys.stderr, flush=True)
+    new_file = not os.path.exists(args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "a", newline="") as f, mp.get_context("spawn").Pool(args.workers, maxtasksperchild=50) as pool:
         writer = csv.DictWriter(f, LAYOUT_FIELDS)
-        writer.writeheader()
-        for i, name in enumerate(names):
-            for row in layout_rows(name, args.timeout):
+        if new_file:
+            writer.writeheader()
+        tasks = [(name, args.timeout) for name in todo]
+        for i, rows in enumerate(pool.imap_unordered(_layout_worker, tasks)):
+            for row in rows:
                 writer.writerow(row)
             f.flush()
-            print(f"[{i + 1}/{len(names)}] {name}", file=sys.stderr, flush=True)
+            print(f"[{i + 1}/{len(todo)}] {rows[0]['model']}", file=sys.stderr, flush=True)
     print(summarize_layout(args.out))
 
 
