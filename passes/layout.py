@@ -8,6 +8,11 @@ axis whole move it, binary elementwise ops combine the facts of their operands (
 broadcast and do not vote; disagreeing operands give unknown). The rules are tables keyed by op name (FX
 functions, tensor methods and the ATen ops of `torch.export` graphs alike) or module class.
 
+A reshape that splits the channel axis into consecutive axes (heads x head_dim) gives a `split` fact: the
+channels span those axes, moved by permutes, kept by elementwise ops and chunks, merged back by a reshape.
+The splice views such a site's input as (..., channels) around its operator, so each channel gets its own
+statistics (EfficientViT's linear attention applies its ReLU kernel to per-head q and k).
+
 `decide` turns a fact into a site's channel axis. Unknown is never silently replaced by a guess: it is
 cross-checked against the channel counts that parameters declare (the producer's out_channels, out_features,
 normalized_shape, num_features, a consumer's in_channels or in_features), or the tensor has a single
@@ -41,6 +46,7 @@ class Layout:
     origin: str
     via: Tuple[str, ...] = ()
     const: bool = False  # computed from parameters, buffers and constants alone: broadcasts, never votes
+    split: Tuple[int, ...] = ()  # dim None: the channels span these axes, major to minor (heads x head_dim)
 
     @property
     def rule(self) -> str:
@@ -51,6 +57,15 @@ class Layout:
             return Layout(None, f"{self.rule} lost by {how}", const=self.const)
         via = self.via if how in self.via else self.via + (how,)  # bounded: long streams repeat the same moves
         return Layout(dim, self.origin, via, self.const)
+
+    def spread(self, axes: Sequence[int], how: str) -> "Layout":
+        """The channels, split by a reshape into several axes (or those axes moved), now on `axes`."""
+        via = self.via if how in self.via else self.via + (how,)
+        return Layout(None, self.origin, via, self.const, tuple(axes))
+
+    def plain(self, how: str) -> "Layout":
+        """This fact for an op with no rule for split channels: unknown when the channels are split."""
+        return Layout(None, f"{self.rule} lost by {how}") if self.split else self
 
 
 UNKNOWN = Layout(None, "unknown")
@@ -300,6 +315,8 @@ class _Analysis:
             if len(inputs) > 1:
                 return self.combine(node)
             fact, src_shape = self.fact(src), node_shape(src)
+            if fact.split and src_shape != shape:  # padded or resized pieces are no longer the channels
+                return fact.plain(name or str(node.target))
             if src_shape is not None and len(src_shape) == len(shape):
                 return fact
             return UNKNOWN if fact.dim is None else fact.moved(None, name or str(node.target))
@@ -401,7 +418,7 @@ class _Analysis:
             return UNKNOWN
         fact = self.fact(src)
         if fact.dim is None or shape is None:
-            return fact if fact.dim is None else UNKNOWN
+            return fact.plain("indexing") if fact.dim is None else UNKNOWN
         items = list(index) if isinstance(index, tuple) else [index]
         if any(isinstance(i, (fx.Node, list)) or (i is not None and not isinstance(i, (int, slice, type(Ellipsis))))
                for i in items):
@@ -431,46 +448,41 @@ class _Analysis:
         src = next((a for a in node.args if isinstance(a, fx.Node)), None)
         shape, src_shape = node_shape(node), node_shape(src) if src is not None else None
         fact = self.fact(src)
+        if fact.split and shape is not None and src_shape is not None:
+            return self.reshape_split(fact, shape, src_shape)
         if fact.dim is None or shape is None or src_shape is None:
             return fact if fact.dim is None else UNKNOWN
-        before = math.prod(src_shape[:fact.dim])
+        before, size = math.prod(src_shape[:fact.dim]), src_shape[fact.dim]
         for k in range(len(shape)):
-            if math.prod(shape[:k]) == before and shape[k] == src_shape[fact.dim]:
+            if math.prod(shape[:k]) == before and shape[k] == size:
                 return fact.moved(k, "reshape")
-        return fact.moved(None, "reshape")
+        pieces = _pieces(shape, before, size)
+        return fact.spread(pieces, "reshape splits the channels") if pieces else fact.moved(None, "reshape")
+
+    def reshape_split(self, fact: Layout, shape: Sequence[int], src_shape: Sequence[int]) -> Layout:
+        """Channels on consecutive axes stay channels when a reshape keeps them as a block: merged into one
+        axis, or split again."""
+        axes = fact.split
+        if list(axes) != list(range(axes[0], axes[-1] + 1)):
+            return fact.plain("reshape")
+        before, size = math.prod(src_shape[:axes[0]]), math.prod(src_shape[axes[0]:axes[-1] + 1])
+        for k in range(len(shape)):
+            if math.prod(shape[:k]) == before and shape[k] == size:
+                return fact.moved(k, "reshape merges the channels")
+        pieces = _pieces(shape, before, size)
+        return fact.spread(pieces, "reshape") if pieces else fact.plain("reshape")
 
     def permute(self, node: fx.Node) -> Layout:
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         fact, shape = self.fact(src), node_shape(node)
-        if src is None or fact.dim is None or shape is None:
+        if src is None or shape is None or (fact.dim is None and not fact.split):
             return fact if fact.dim is None else UNKNOWN
-        ndim, name = len(shape), _base(node)
-        rest = list(node.args[1:]) or list(node.kwargs.values())
-        if name == "permute":
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-            dims = _ints(list(dims))
-            if dims is None or len(dims) != ndim:
-                return fact.moved(None, "permute")
-            return fact.moved([d % ndim for d in dims].index(fact.dim), "permute")
-        if name == "t":
-            rest = [0, 1]
-        if name in ("movedim", "moveaxis"):
-            srcs, dsts = _ints(rest[0]) if rest else None, _ints(rest[1]) if len(rest) > 1 else None
-            if srcs is None or dsts is None:
-                return fact.moved(None, name)
-            srcs, dsts = [d % ndim for d in srcs], [d % ndim for d in dsts]
-            order = [None] * ndim
-            for s, d in zip(srcs, dsts):
-                order[d] = s
-            left = iter(d for d in range(ndim) if d not in srcs)
-            order = [o if o is not None else next(left) for o in order]
-            return fact.moved(order.index(fact.dim), "permute")
-        pair = _ints(rest[:2])
-        if pair is None or len(pair) != 2:
-            return fact.moved(None, "transpose")
-        a, b = pair[0] % ndim, pair[1] % ndim
-        dim = b if fact.dim == a else a if fact.dim == b else fact.dim
-        return fact.moved(dim, "permute")
+        order = _permutation(node, len(shape))
+        if order is None:
+            return fact.plain("permute") if fact.split else fact.moved(None, "permute")
+        if fact.split:
+            return fact.spread([order.index(axis) for axis in fact.split], "permute")
+        return fact.moved(order.index(fact.dim), "permute")
 
     def _dim_arg(self, node: fx.Node, default=0):
         if len(node.args) > 1:
@@ -502,7 +514,7 @@ class _Analysis:
         src = next(a for a in node.args if isinstance(a, fx.Node))
         fact, shape, src_shape = self.fact(src), node_shape(node), node_shape(src)
         if fact.dim is None or shape is None or src_shape is None:
-            return fact if fact.dim is None else UNKNOWN
+            return fact.plain("reduction") if fact.dim is None else UNKNOWN
         dims = _ints(self._dim_arg(node, None))
         if dims is None:
             return fact.moved(None, "reduction")
@@ -512,6 +524,44 @@ class _Analysis:
         if len(shape) == len(src_shape):
             return fact.moved(fact.dim, "reduction")
         return fact.moved(fact.dim - sum(1 for d in dims if d < fact.dim), "reduction")
+
+
+def _permutation(node: fx.Node, ndim: int) -> Optional[List[int]]:
+    """The source axis of each output axis of a permute, transpose, t or movedim call (None: unreadable)."""
+    name = _base(node)
+    rest = list(node.args[1:]) or list(node.kwargs.values())
+    if name == "permute":
+        dims = _ints(list(rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest))
+        return [d % ndim for d in dims] if dims is not None and len(dims) == ndim else None
+    if name in ("movedim", "moveaxis"):
+        srcs, dsts = _ints(rest[0]) if rest else None, _ints(rest[1]) if len(rest) > 1 else None
+        if srcs is None or dsts is None:
+            return None
+        srcs, dsts = [d % ndim for d in srcs], [d % ndim for d in dsts]
+        order: List[Optional[int]] = [None] * ndim
+        for s, d in zip(srcs, dsts):
+            order[d] = s
+        left = iter(d for d in range(ndim) if d not in srcs)
+        return [o if o is not None else next(left) for o in order]
+    pair = [0, 1] if name == "t" else _ints(rest[:2])
+    if pair is None or len(pair) != 2:
+        return None
+    order = list(range(ndim))
+    a, b = pair[0] % ndim, pair[1] % ndim
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _pieces(shape: Sequence[int], before: int, size: int) -> Optional[Tuple[int, ...]]:
+    """Consecutive axes (at least two) of `shape` that hold, as one block, `size` elements that follow
+    `before` elements: where a reshape split a channel axis (heads x head_dim)."""
+    for k in range(len(shape)):
+        if math.prod(shape[:k]) != before:
+            continue
+        for end in range(k + 2, len(shape) + 1):
+            if math.prod(shape[k:end]) == size and all(n > 1 for n in shape[k:end]):
+                return tuple(range(k, end))
+    return None
 
 
 def _at(item: Tuple[int, Layout]) -> Layout:
@@ -543,6 +593,7 @@ class Decision:
     rule: str
     default: bool = False
     problem: Optional[str] = None
+    split: Tuple[int, ...] = ()  # the channels span these axes: the splice views them as one last axis (dim -1)
 
 
 def rank_default(ndim: int) -> int:
@@ -613,6 +664,9 @@ def decide(gm: fx.GraphModule, source: fx.Node, shape: Sequence[int], *, consume
         if out is not None and shape[dim] != out[0] and out[0] in shape[1:]:
             return Decision(dim, rule, problem=f"axis {dim} (size {shape[dim]}, from {rule}) contradicts {out[1]}")
         return Decision(dim, rule)
+    if fact.split:
+        axes = ", ".join(map(str, fact.split))
+        return Decision(-1, f"{fact.rule}: channels on axes ({axes}), viewed as one last axis", split=fact.split)
     found = _by_count(shape, counts)
     if found is not None:
         return Decision(*found)

@@ -2,7 +2,8 @@
 
 For a site in the graph, a `call_module` node `<site>_meansparse` is inserted between the activation and its
 input, and only the activation reads from it: other consumers of the input (a residual skip) still read the
-original tensor. For an in-place activation the operator works in place as well, so every alias of the
+original tensor. Where the channels span several axes (heads x head_dim), the operator reads a view with
+those axes moved last and flattened, and the activation reads the result moved back. For an in-place activation the operator works in place as well, so every alias of the
 input sees exactly what the original program let it see; with alpha = 0 the outputs are bit-identical. When
 the input is private to the operator (`passes/fresh.py`), eager inference may overwrite it too.
 
@@ -12,8 +13,9 @@ user's model) and applied by a forward pre-hook on the activation.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -22,7 +24,7 @@ from fxsparse.util import model_state
 from fxsparse._meta import INNER_META, PATH_META, SHAPE_META, SITE_META
 from fxsparse.errors import FxsparseValueError, LayoutWarning
 from fxsparse.ops import MeanSparse
-from fxsparse.passes.layout import Decision, decide, decide_inner, overrides
+from fxsparse.passes.layout import Decision, decide, decide_inner, overrides, rank_default
 from fxsparse.passes.fresh import producer_hooks
 from fxsparse.passes.locate import Site
 from fxsparse.passes.shapes import node_shape
@@ -91,21 +93,63 @@ def _splice_graph_site(gm: fx.GraphModule, site: Site, device, override) -> Deci
     if shape is None:
         raise FxsparseValueError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
     decision = decide(gm, inp, shape, consumers=consumers, hint=site.axis, override=override)
-    op = _make_op(site, shape, decision, device)
-    op.node = act.name
+    if decision.split and site.inplace:  # the view is a copy: an in-place activation would write to it
+        decision = _refuse_split(decision, shape)
     target = f"{site.name}_meansparse"
-    gm.add_submodule(target, op)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     with gm.graph.inserting_before(min(consumers, key=order.__getitem__)):
-        new = gm.graph.call_module(target, (inp,))
+        if decision.split:
+            viewed, restore = _view_channels_last(gm, inp, shape, decision.split)
+            op = _make_op(site, node_shape(viewed), decision, device)
+            op.inplace = False
+            gm.add_submodule(target, op)
+            new = gm.graph.call_module(target, (viewed,))
+            new.meta[SHAPE_META] = node_shape(viewed)
+            out = restore(new)
+        else:
+            op = _make_op(site, shape, decision, device)
+            gm.add_submodule(target, op)
+            new = out = gm.graph.call_module(target, (inp,))
+            new.meta[SHAPE_META] = shape
+    op.node = act.name
     new.meta[PATH_META] = target
-    new.meta[SHAPE_META] = shape
     new.meta[SITE_META] = site.name
     for consumer in consumers:
-        consumer.replace_input_with(inp, new)
-    hooks = producer_hooks(gm, inp, new)
+        consumer.replace_input_with(inp, out)
+    hooks = producer_hooks(gm, inp, new) if not decision.split else None
     op.private_input, op.producer_hooks = hooks is not None, hooks or ()
     return decision
+
+
+def _view_channels_last(gm: fx.GraphModule, inp: fx.Node, shape, axes) -> Tuple[fx.Node, Callable]:
+    """Nodes that move the channel axes `axes` (major to minor) to the end and flatten them into one, and a
+    function that adds the nodes undoing it (unflatten, inverse permute) after a given node. Batch and
+    spatial sizes stay symbolic: only the channel pieces' sizes are written into the graph."""
+    rest = [d for d in range(len(shape)) if d not in axes]
+    perm = rest + list(axes)
+    inverse = [perm.index(d) for d in range(len(shape))]
+    pieces = tuple(shape[a] for a in axes)
+    graph = gm.graph
+    moved = graph.call_function(torch.permute, (inp, perm))
+    moved.meta[SHAPE_META] = tuple(shape[d] for d in perm)
+    viewed = graph.call_function(torch.flatten, (moved, len(rest)))
+    viewed.meta[SHAPE_META] = tuple(shape[d] for d in rest) + (math.prod(pieces),)
+
+    def restore(node: fx.Node) -> fx.Node:
+        split = graph.call_function(torch.unflatten, (node, -1, pieces))
+        split.meta[SHAPE_META] = moved.meta[SHAPE_META]
+        back = graph.call_function(torch.permute, (split, inverse))
+        back.meta[SHAPE_META] = tuple(shape)
+        return back
+
+    return viewed, restore
+
+
+def _refuse_split(decision: Decision, shape) -> Decision:
+    dim = rank_default(len(shape))
+    return Decision(dim, f"rank-{len(shape)} default", default=True,
+                    problem=f"the channels span axes {decision.split} and the activation is in place, so they "
+                            f"cannot be viewed as one axis; used the rank-{len(shape)} default dim {dim}")
 
 
 def _splice_inner_site(gm: fx.GraphModule, site: Site, device, override) -> Optional[Decision]:

@@ -225,7 +225,8 @@ def test_backend_selection_by_site_name_or_module_path():
 
 
 # ---- property: random residual streams with permutes, token reshapes, rolls and splits -------------------------
-STEPS = st.lists(st.sampled_from(["roll", "tokens", "split", "window", "opaque", "mlp", "nchw_conv", "token_mix"]),
+STEPS = st.lists(st.sampled_from(["roll", "tokens", "split", "window", "opaque", "mlp", "nchw_conv", "token_mix",
+                                  "heads"]),
                  min_size=50, max_size=60)
 
 
@@ -248,6 +249,8 @@ class RandomStream(nn.Module):
                 m.conv, m.act = nn.Conv2d(C, C, 3, padding=1), nn.SiLU()
             elif s == "token_mix":  # ResMLP / MLP-Mixer: a Linear over the tokens, between two transposes
                 m.fc = nn.Linear(H * W, H * W)
+            elif s == "heads":  # an activation on channels split into (heads, head_dim), heads moved first
+                m.fc, m.act = nn.Linear(C, C), nn.ReLU()
             else:
                 m.fc = nn.Linear(C, C)
             self.blocks.append(m)
@@ -274,6 +277,9 @@ class RandomStream(nn.Module):
                 h = m.act(m.conv(h.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
             elif s == "token_mix":
                 h = m.fc(h.reshape(B, H * W, C).transpose(1, 2)).transpose(1, 2).reshape(B, H, W, C)
+            elif s == "heads":
+                h = m.act(m.fc(h).reshape(B, H, W, 3, C // 3).permute(0, 3, 1, 2, 4))
+                h = h.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
             x = x + h
         return x.mean((1, 2))
 
@@ -339,3 +345,53 @@ def test_timm_models_whose_sums_once_needed_a_default(name, joins):
         assert len(sites) == joins
         assert not any(d.default for d in decisions), [(s.name, d.rule) for s, d in zip(sites, decisions)]
         assert not any("self_attn" in s.name for s in sites)
+
+
+class HeadSplit(nn.Module):
+    """EfficientViT's linear attention: a conv's channels reshaped into (heads, head_dim), moved, chunked
+    into q and k, and a ReLU kernel on each: the channels of q span axes 1 and 3."""
+
+    def __init__(self, heads=3, dim=4):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.qk = nn.Conv2d(3, heads * 2 * dim, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        y = self.qk(x).reshape(b, self.heads, 2 * self.dim, h * w).transpose(-1, -2)
+        q, k = y.chunk(2, dim=-1)
+        return self.act(q) @ self.act(k).transpose(-1, -2)
+
+
+def test_channels_split_over_heads_get_one_operator_per_channel():
+    """The split fact is exact: the operator on (heads, head_dim) equals a per-channel MeanSparse on the conv's
+    output along dim 1, with the channels in the conv's order; and the spliced view keeps batch and spatial
+    sizes free, through torch.compile and torch.export too."""
+    torch.manual_seed(0)
+    model, x = HeadSplit().eval(), torch.randn(B, 3, H, W)
+    gm = _prepare_strict(model, x)
+    audit = fxsparse.audit(gm)
+    assert [(r.dim, r.channels, r.axis_default) for r in audit] == [(-1, 12, False)] * 2
+    assert all("axes (1, 3)" in r.axis_rule for r in audit)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))  # alpha = 0: bit for bit
+        sparse = fxsparse.sparsify(model, [torch.randn(B, 3, H, W) for _ in range(3)], alpha=0.4, progress=False)
+        ops = list(fxsparse.meansparse_ops(sparse).values())
+        conv = model.qk(x)
+        # the conv channels of q are, per head g, g * 2 * dim + [0, dim); of k, g * 2 * dim + [dim, 2 * dim)
+        q_idx = torch.tensor([g * 8 + i for g in range(3) for i in range(4)])
+        expected = []
+        for op, idx in zip(ops, (q_idx, q_idx + 4)):
+            part = conv[:, idx]
+            band = (part - op.mean.view(1, -1, 1, 1)).abs() < op.alpha * op.std.view(1, -1, 1, 1)
+            expected.append(torch.where(band, op.mean.view(1, -1, 1, 1), part))
+        y = torch.empty_like(conv)
+        y[:, q_idx], y[:, q_idx + 4] = expected
+        y = y.reshape(B, 3, 8, H * W).transpose(-1, -2)
+        q, k = y.chunk(2, dim=-1)
+        assert torch.allclose(sparse(x), q.relu() @ k.relu().transpose(-1, -2), atol=1e-5)
+        other = torch.randn(3, 3, 4, 8)  # other batch and spatial sizes
+        assert torch.allclose(torch.compile(sparse)(other), sparse(other), atol=1e-5)
+        exported = torch.export.export(sparse, (other,), strict=False).module()
+        assert torch.allclose(exported(other), sparse(other), atol=1e-5)
