@@ -349,22 +349,73 @@ def _dynamic_shapes(model: nn.Module, call: Call, dims: str):
     return {**dict(zip(names, args)), **{k: tree(v) for k, v in call.kwargs.items()}}
 
 
+# Making height and width symbolic can cost export minutes of sympy simplification (timm's MobileViTv2: 1.5 s
+# with a dynamic batch, over 500 s with dynamic height and width too); past this many seconds capture gives up
+# the dynamic spatial sizes, says so in the CaptureReport, and exports with a dynamic batch only.
+SPATIAL_EXPORT_BUDGET_S = float(os.environ.get("FXSPARSE_SPATIAL_EXPORT_BUDGET", "20"))
+
+
+class _Overtime(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _Overtime in the body after `seconds` (SIGALRM, so only in the main thread on POSIX; elsewhere
+    the body runs unbounded)."""
+    import signal
+    import threading
+
+    if seconds <= 0 or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Overtime()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    remaining = signal.setitimer(signal.ITIMER_REAL, seconds)[0]
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if remaining:  # an outer timer (a caller's own time limit) keeps what was left of it
+            signal.setitimer(signal.ITIMER_REAL, max(remaining - seconds, 1e-3))
+
+
 def _export(model: nn.Module, call: Call) -> fx.GraphModule:
     from torch.export import export
 
     args, kwargs = tuple(call.args), dict(call.kwargs)
-    attempts = [lambda dims=dims: export(model, args, kwargs, strict=False,
-                                         dynamic_shapes=_dynamic_shapes(model, call, dims))
-                for dims in ("spatial", "batch")]
-    attempts.append(lambda: export(model, args, kwargs, strict=False))
+    notes: Dict[str, str] = {}
+
+    def attempt(dims: Optional[str]):
+        if dims is None:
+            return export(model, args, kwargs, strict=False)
+        shapes = _dynamic_shapes(model, call, dims)
+        if dims != "spatial":
+            return export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+        try:
+            with _time_limit(SPATIAL_EXPORT_BUDGET_S):
+                return export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+        except _Overtime:
+            notes["dynamic_shapes"] = (
+                f"height and width fixed at the example's: making them dynamic took export over "
+                f"{SPATIAL_EXPORT_BUDGET_S:g} s (FXSPARSE_SPATIAL_EXPORT_BUDGET sets the budget); the batch stays "
+                "dynamic")
+            raise
+
     program, error = None, None
     for warmed in (False, True):
         if warmed:  # modules that cache tensors on their first eval forward (timm's TinyViT attention biases)
             with torch.no_grad():  # fill the cache for real; `model` is capture's own copy
                 model(*args, **kwargs)
-        for attempt in attempts:
+        for dims in ("spatial", "batch", None):
+            if dims == "spatial" and "dynamic_shapes" in notes:
+                continue  # over budget once: not again after the warm-up
             try:
-                program = attempt()
+                program = attempt(dims)
                 break
             except Exception as exc:
                 error = exc  # the last attempt's (static shapes, after a warm-up run) says the most
@@ -377,7 +428,7 @@ def _export(model: nn.Module, call: Call) -> fx.GraphModule:
     # and users call; the graph itself is the eval-mode program whatever the flag says
     gm = fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)
     _mark_export_paths(gm, model)
-    gm.meta[CAPTURE_META] = CaptureReport(path="export")
+    gm.meta[CAPTURE_META] = CaptureReport(path="export", reasons=notes)
     gm.register_forward_pre_hook(InputGuard(gm, [tuple(t.shape) for t in call.leaves()]), with_kwargs=True)
     return gm
 
@@ -518,11 +569,14 @@ class InputGuard:
             guards(*values)
         except AssertionError as exc:
             shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
+            report = getattr(module, "meta", {}).get(CAPTURE_META)
+            fixed = report.reasons.get("dynamic_shapes") if report is not None else None
+            why = (f"fxsparse fixed them: {fixed}" if fixed else
+                   "The model fixes these sizes (a flatten into a Linear, position embeddings of one size)")
             raise FxsparseValueError(
                 f"inputs of shape(s) {shapes} fail a condition torch.export recorded when it captured the model "
-                f"on {self.example_shapes}: {str(exc).replace('Guard failed: ', '')}. The model fixes these sizes "
-                "(a flatten into a Linear, position embeddings of one size); prepare the model with example "
-                "inputs of the size you will use") from exc
+                f"on {self.example_shapes}: {str(exc).replace('Guard failed: ', '')}. {why}; prepare the model "
+                "with example inputs of the size you will use") from exc
         return None
 
 
@@ -538,7 +592,8 @@ def _input_names(gm: fx.GraphModule, required: bool = False):
 
 def _finish(gm: fx.GraphModule, reasons: Dict[str, str]) -> fx.GraphModule:
     gm.eval()
-    gm.meta[CAPTURE_META].reasons = dict(reasons)
+    report = gm.meta[CAPTURE_META]
+    report.reasons = {**dict(reasons), **report.reasons}  # the path's own notes ("dynamic_shapes") stay
     _guard(gm)
     return gm
 

@@ -1,5 +1,7 @@
 """Models beyond one-tensor classifiers: several inputs, keyword batches, user-run calibration loops, a part
 of a model, quiet and pointed failures."""
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -278,6 +280,21 @@ def test_exported_graphs_take_other_sizes_where_the_model_allows():
     assert fixed.meta["fxsparse_capture"].path == "export"
     with pytest.raises(FxsparseError, match=r"captured the model on \[\(2, 3, 8, 8\)\]"):
         fixed(torch.randn(2, 3, 12, 12))
+
+
+@pytest.mark.skipif(not _export_records_guards(), reason="this torch's exported modules have no _guards_fn")
+def test_dynamic_height_and_width_over_the_time_budget_are_given_up_and_said(monkeypatch):
+    """MobileViTv2 made export spend minutes on symbolic height and width: past the budget capture exports
+    with a dynamic batch only, records why, and a refused size names it."""
+    monkeypatch.setattr(sys.modules["fxsparse.capture"], "SPATIAL_EXPORT_BUDGET_S", 1e-6)
+    model = AnySize().eval()
+    gm = fxsparse.prepare(model, torch.randn(2, 3, 8, 8))
+    report = gm.meta["fxsparse_capture"]
+    assert report.path == "export" and "FXSPARSE_SPATIAL_EXPORT_BUDGET" in report.reasons["dynamic_shapes"]
+    x = torch.randn(5, 3, 8, 8)  # the batch stays free
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(FxsparseError, match="fxsparse fixed them"):
+        gm(torch.randn(2, 3, 12, 10))
 
 
 def test_keyword_arguments_reach_the_graph_or_are_refused_by_name():
