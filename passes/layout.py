@@ -460,12 +460,12 @@ class _Analysis:
         return fact.spread(pieces, "reshape splits the channels") if pieces else fact.moved(None, "reshape")
 
     def reshape_split(self, fact: Layout, shape: Sequence[int], src_shape: Sequence[int]) -> Layout:
-        """Channels on consecutive axes stay channels when a reshape keeps them as a block: merged into one
-        axis, or split again."""
-        axes = fact.split
-        if list(axes) != list(range(axes[0], axes[-1] + 1)):
+        """Channels on consecutive axes, in any order (a channel shuffle transposes them), stay channels when a
+        reshape keeps them as a block: merged into one axis (whose every index is one channel), or split."""
+        first, last = min(fact.split), max(fact.split)
+        if sorted(fact.split) != list(range(first, last + 1)):
             return fact.plain("reshape")
-        before, size = math.prod(src_shape[:axes[0]]), math.prod(src_shape[axes[0]:axes[-1] + 1])
+        before, size = math.prod(src_shape[:first]), math.prod(src_shape[first:last + 1])
         for k in range(len(shape)):
             if math.prod(shape[:k]) == before and shape[k] == size:
                 return fact.moved(k, "reshape merges the channels")

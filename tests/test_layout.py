@@ -395,3 +395,23 @@ def test_channels_split_over_heads_get_one_operator_per_channel():
         assert torch.allclose(torch.compile(sparse)(other), sparse(other), atol=1e-5)
         exported = torch.export.export(sparse, (other,), strict=False).module()
         assert torch.allclose(exported(other), sparse(other), atol=1e-5)
+
+
+def test_a_channel_shuffle_keeps_the_channel_axis():
+    """ShuffleNet: (B, C, H, W) viewed as (B, groups, C / groups, H, W), transposed, merged back: every index
+    of the merged axis is one channel (in shuffled order)."""
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, C, 1), nn.ReLU()
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = y.view(B, 3, C // 3, H, W).transpose(1, 2).reshape(B, C, H, W)
+            return self.act(y)
+
+    gm = fxsparse.capture(Shuffle(), (torch.randn(B, 3, H, W),))
+    analyze(gm)
+    facts = {n.name: n.meta[LAYOUT_META] for n in gm.graph.nodes}
+    assert (facts["view"].split, facts["transpose"].split) == ((1, 2), (2, 1))
+    assert facts["reshape"].dim == 1 and "merges the channels" in facts["reshape"].rule

@@ -4,7 +4,8 @@
 spelling or capture path. It records an *activation event* for each op of a default activation kind (relu,
 gelu, silu, hardtanh, elu, ...) and for composite activations recognised at run time (x * sigmoid(x),
 x * sigmoid(c x), x * tanh(softplus(x)), x * (1 + erf(x / sqrt 2))). For the sparsified model it also notes
-whether the tensor entering the activation is the output of a MeanSparse module (tracked by forward hooks).
+whether the tensor entering the activation is the output of a MeanSparse module (tracked by forward hooks),
+or that output only moved or regrouped (view, reshape, permute).
 
 `check_coverage(original, sparsified, inputs)` runs both and reports: the number of events in each (they must
 match), how many of the sparsified model's events are fed by a MeanSparse, and where the uncovered ones are
@@ -38,6 +39,12 @@ def _activation_packets() -> Dict[object, str]:
     if hasattr(aten, "_prelu_kernel"):
         table.setdefault(aten._prelu_kernel, "prelu")
     return table
+
+
+# ops that only move or regroup elements (a site whose channels span several axes views them as one axis and
+# back around its operator)
+_MOVES = {aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.transpose, aten.clone, aten.unflatten,
+          aten.flatten}
 
 
 @dataclasses.dataclass
@@ -118,6 +125,9 @@ class ActivationRecorder(TorchDispatchMode):
         kind = self.table.get(packet)
         if kind is not None:
             self._event(kind, packet.__name__, args[0] if args else kwargs.get("self"))
+        elif packet in _MOVES and args and id(args[0]) in self.fed_by and isinstance(out, torch.Tensor):
+            self.keep.append(out)  # an operator's output moved or reshaped: same values, still fed by it
+            self.fed_by.add(id(out))
         elif packet is not None:
             self._composite(packet, args, out)
         return out
