@@ -16,7 +16,8 @@ Presets reproduce the MeanSparse authors' published models (RobustBench's Meansp
 
 A residual join is an add (`+`, `+=`, `torch.add`, `aten.add`) of two tensors of the output's shape where
 one operand is computed from the other (x + f(x), looking through identity and dropout modules), or where,
-inside a module, both are computed from the module's input (a projection shortcut: proj(x) + f(x)). Adds of
+inside a module, both are computed from the module's input by separate computations (a projection shortcut:
+proj(x) + f(x); two results of one inner tensor, as in LambdaNet's content + position, are not). Adds of
 a parameter or buffer (position embeddings, attention biases) are not joins, nor are attention scores (a sum
 every use of which reaches a softmax through arithmetic and view ops: BoTNet's and HaloNet's relative-position
 logits added to q @ k^T), which have no channel axis. Policies produce `Site` objects
@@ -134,7 +135,7 @@ def residual_joins(gm: fx.GraphModule) -> List[Join]:
             join = Join(node, b, a)
         else:
             scope = node.meta.get(PATH_META, "")
-            if scope and _frontier(a, scope) & _frontier(b, scope):
+            if scope and _frontier(a, scope) & _frontier(b, scope) and not _shared_inside(gm, anc[a] & anc[b], scope):
                 inner_a = sum(_inside(n, scope) for n in anc[a])
                 inner_b = sum(_inside(n, scope) for n in anc[b])
                 join = Join(node, a, b) if inner_a <= inner_b else Join(node, b, a)
@@ -169,6 +170,29 @@ def _attention_scores(gm: fx.GraphModule, node: fx.Node) -> bool:
         else:
             return False
     return found
+
+
+def _shared_inside(gm: fx.GraphModule, common: Set[fx.Node], scope: str) -> bool:
+    """Whether a tensor computed inside module `scope` by weights of its own feeds both operands: then the sum
+    adds two results of one computation (LambdaNet's content and position outputs, both from its qkv conv),
+    not a shortcut and a branch. A pre-activation (norm and activation of the module's input, which a
+    pre-activation ResNet block's shortcut and branch both read) is the input itself for this purpose."""
+    return any(_inside(n, scope) and n.op != "get_attr" and node_shape(n) is not None
+               and not _preactivation(gm, n, scope) for n in common)
+
+
+def _preactivation(gm: fx.GraphModule, node: fx.Node, scope: str) -> bool:
+    """Whether `node` is the module's input through normalisations, activations, identities and pads only."""
+    seen = set()
+    while _inside(node, scope) and node not in seen:
+        seen.add(node)
+        tensors = [a for a in node.all_input_nodes if node_shape(a) is not None and a.op != "get_attr"]
+        pointwise = (is_norm(gm, node) or _is_activation(gm, node) or _is_identity(gm, node)
+                     or op_name(node) in ("pad", "constant_pad_nd"))
+        if not pointwise or len(tensors) != 1:
+            return False
+        node = tensors[0]
+    return not _inside(node, scope)
 
 
 def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:

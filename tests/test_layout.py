@@ -329,10 +329,12 @@ def test_token_mixing_residuals_keep_the_streams_channel_axis():
     assert "residual stream" in audit[0].axis_rule
 
 
-@pytest.mark.parametrize("name,joins", [("resmlp_12_224", 24), ("botnet26t_256", 8), ("halonet_h1", 19)])
+@pytest.mark.parametrize("name,joins", [("resmlp_12_224", 24), ("botnet26t_256", 8), ("halonet_h1", 19),
+                                        ("lambda_resnet26t", 8)])
 def test_timm_models_whose_sums_once_needed_a_default(name, joins):
-    """The census found default axes in these (meta device): ResMLP's token-mixing sums, and the attention
-    scores of BoTNet and HaloNet (relative-position logits added to q @ k^T), which are not residual joins."""
+    """The census found default axes in these (meta device): ResMLP's token-mixing sums; the attention scores
+    of BoTNet and HaloNet (relative-position logits added to q @ k^T) and LambdaNet's content + position
+    outputs, which are not residual joins."""
     with torch.device("meta"):
         model = timm.create_model(name).eval()
     x = torch.empty(2, 3, *model.pretrained_cfg["input_size"][1:], device="meta")

@@ -199,3 +199,21 @@ def test_attention_scores_are_not_residual_joins():
     gm = fxsparse.capture(nn.Sequential(RelPosAttention()).eval(), (torch.randn(2, 5, 8),))
     joins = fxsparse.residual_joins(gm)
     assert len(joins) == 1 and joins[0].skip.op == "placeholder"
+
+
+class SharedInner(nn.Module):
+    """Two results of one inner tensor summed (LambdaNet's content + position), inside a real residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.qkv(x)
+        return x + (self.a(h) + self.b(h))
+
+
+def test_two_results_of_one_inner_tensor_are_not_a_residual_join():
+    gm = fxsparse.capture(nn.Sequential(SharedInner()).eval(), (torch.randn(2, 5, 8),))
+    joins = fxsparse.residual_joins(gm)
+    assert len(joins) == 1 and joins[0].skip.op == "placeholder"
