@@ -16,8 +16,9 @@ Presets reproduce the MeanSparse authors' published models (RobustBench's Meansp
 
 A residual join is an add (`+`, `+=`, `torch.add`, `aten.add`) of two tensors of the output's shape where
 one operand is computed from the other (x + f(x), looking through identity and dropout modules), or where,
-inside a module, both are computed from the module's input by separate computations (a projection shortcut:
-proj(x) + f(x); two results of one inner tensor, as in LambdaNet's content + position, are not). Adds of
+inside a module, both are computed from the module's input and one of them by a chain of one-input ops (a
+projection shortcut: proj(x) + f(x); LambdaNet's content + position outputs, both matmuls of its q and v,
+are not). Adds of
 a parameter or buffer (position embeddings, attention biases) are not joins, nor are attention scores (a sum
 every use of which reaches a softmax through arithmetic and view ops: BoTNet's and HaloNet's relative-position
 logits added to q @ k^T), which have no channel axis. Policies produce `Site` objects
@@ -135,10 +136,14 @@ def residual_joins(gm: fx.GraphModule) -> List[Join]:
             join = Join(node, b, a)
         else:
             scope = node.meta.get(PATH_META, "")
-            if scope and _frontier(a, scope) & _frontier(b, scope) and not _shared_inside(gm, anc[a] & anc[b], scope):
+            if scope and _frontier(a, scope) & _frontier(b, scope):
+                short = [s for s, other in ((a, b), (b, a)) if _shortcut(gm, s, anc[other], scope)]
                 inner_a = sum(_inside(n, scope) for n in anc[a])
                 inner_b = sum(_inside(n, scope) for n in anc[b])
-                join = Join(node, a, b) if inner_a <= inner_b else Join(node, b, a)
+                if len(short) == 1:
+                    join = Join(node, short[0], b if short[0] is a else a)
+                elif short:
+                    join = Join(node, a, b) if inner_a <= inner_b else Join(node, b, a)
         if join is not None and _learned(gm, anc[join.branch] - anc[join.skip] - {join.skip}):
             joins.append(join)
     return joins
@@ -172,27 +177,27 @@ def _attention_scores(gm: fx.GraphModule, node: fx.Node) -> bool:
     return found
 
 
-def _shared_inside(gm: fx.GraphModule, common: Set[fx.Node], scope: str) -> bool:
-    """Whether a tensor computed inside module `scope` by weights of its own feeds both operands: then the sum
-    adds two results of one computation (LambdaNet's content and position outputs, both from its qkv conv),
-    not a shortcut and a branch. A pre-activation (norm and activation of the module's input, which a
-    pre-activation ResNet block's shortcut and branch both read) is the input itself for this purpose."""
-    return any(_inside(n, scope) and n.op != "get_attr" and node_shape(n) is not None
-               and not _preactivation(gm, n, scope) for n in common)
+_SPLITS = {"split", "chunk", "tensor_split", "split_with_sizes", "unbind"}  # tuples of tensors
 
 
-def _preactivation(gm: fx.GraphModule, node: fx.Node, scope: str) -> bool:
-    """Whether `node` is the module's input through normalisations, activations, identities and pads only."""
+def _shortcut(gm: fx.GraphModule, node: fx.Node, other: Set[fx.Node], scope: str) -> bool:
+    """Whether `node` is a shortcut: a chain of ops with one input that is not a parameter (a projection conv +
+    BN, a pool, a per-channel scale) back to a tensor the other operand is computed from. Two results of one inner
+    computation, each mixing several tensors (LambdaNet's content and position outputs, matmuls of its q and
+    v), are not a shortcut and a branch."""
     seen = set()
-    while _inside(node, scope) and node not in seen:
+    while node not in seen:
+        if node in other:
+            return True
+        if not _inside(node, scope):
+            return False
         seen.add(node)
-        tensors = [a for a in node.all_input_nodes if node_shape(a) is not None and a.op != "get_attr"]
-        pointwise = (is_norm(gm, node) or _is_activation(gm, node) or _is_identity(gm, node)
-                     or op_name(node) in ("pad", "constant_pad_nd"))
-        if not pointwise or len(tensors) != 1:
+        tensors = [a for a in node.all_input_nodes if not layout_of(gm, a).const
+                   and (node_shape(a) is not None or op_name(a) in _SPLITS)]
+        if len(tensors) != 1:
             return False
         node = tensors[0]
-    return not _inside(node, scope)
+    return False
 
 
 def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
