@@ -360,3 +360,23 @@ def test_save_and_load_keep_several_and_keyword_inputs(tmp_path):
     fxsparse.save(gm, tmp_path / "kw.fxs")
     loaded = fxsparse.load(labelled, tmp_path / "kw.fxs")
     assert all(torch.equal(a, b) for a, b in zip(loaded(x=x, labels=labels), gm(x=x, labels=labels)))
+
+
+def test_the_export_time_limit_stops_its_body_and_keeps_an_outer_timer():
+    import signal
+    import time
+
+    limit = sys.modules["fxsparse.capture"]._time_limit
+    overtime = sys.modules["fxsparse.capture"]._Overtime
+    outer = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGALRM, outer)
+    signal.setitimer(signal.ITIMER_REAL, 100)
+    try:
+        with pytest.raises(overtime):
+            with limit(0.05):
+                time.sleep(5)
+        left = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 90 < left < 100 and signal.getsignal(signal.SIGALRM) is outer
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
