@@ -16,9 +16,9 @@ Presets reproduce the MeanSparse authors' published models (RobustBench's Meansp
 
 A residual join is an add (`+`, `+=`, `torch.add`, `aten.add`) of two tensors of the output's shape where
 one operand is computed from the other (x + f(x), looking through identity and dropout modules), or where,
-inside a module, both are computed from the module's input and one of them by a chain of one-input ops (a
-projection shortcut: proj(x) + f(x); LambdaNet's content + position outputs, both matmuls of its q and v,
-are not). Adds of
+inside a module, both are computed from the module's input and one of them from a single tensor the other
+reads too (a projection shortcut: proj(x) + f(x); LambdaNet's content + position outputs, both matmuls of its
+q, k and v, are not). Adds of
 a parameter or buffer (position embeddings, attention biases) are not joins, nor are attention scores (a sum
 every use of which reaches a softmax through arithmetic and view ops: BoTNet's and HaloNet's relative-position
 logits added to q @ k^T), which have no channel axis. Policies produce `Site` objects
@@ -28,6 +28,7 @@ give one operator whose `policy` names both.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from torch import fx, nn
@@ -177,27 +178,39 @@ def _attention_scores(gm: fx.GraphModule, node: fx.Node) -> bool:
     return found
 
 
-_SPLITS = {"split", "chunk", "tensor_split", "split_with_sizes", "unbind"}  # tuples of tensors
+def _tensor_tuple(node: fx.Node) -> bool:
+    """A tuple of tensors (split pieces, max's values and indices), not a size: its items are tensors."""
+    return any(u.op == "call_function" and u.target in (operator.getitem, getattr) and node_shape(u) is not None
+               for u in node.users)
 
 
 def _shortcut(gm: fx.GraphModule, node: fx.Node, other: Set[fx.Node], scope: str) -> bool:
-    """Whether `node` is a shortcut: a chain of ops with one input that is not a parameter (a projection conv +
-    BN, a pool, a per-channel scale) back to a tensor the other operand is computed from. Two results of one inner
-    computation, each mixing several tensors (LambdaNet's content and position outputs, matmuls of its q and
-    v), are not a shortcut and a branch."""
-    seen = set()
-    while node not in seen:
-        if node in other:
-            return True
-        if not _inside(node, scope):
+    """Whether `node` is a shortcut: computed inside `scope` from one single tensor that the other operand
+    is computed from too (a projection conv + BN, a pool, a per-channel scale, MViTv2's and Hiera's pooled
+    projections, which concatenate pieces of one tensor). Two results of one inner computation that each mix
+    several of its tensors (LambdaNet's content and position outputs: matmuls of its q, k and v; FocalNet's
+    gated sums of focal levels) are not a shortcut and a branch. Parameters and constants do not count."""
+    stops: Set[fx.Node] = set()
+    seen: Set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in other:
+            stops.add(n)
+            if len(stops) > 1:
+                return False
+            continue
+        if not _inside(n, scope):
             return False
-        seen.add(node)
-        tensors = [a for a in node.all_input_nodes if not layout_of(gm, a).const
-                   and (node_shape(a) is not None or op_name(a) in _SPLITS)]
-        if len(tensors) != 1:
+        tensors = [a for a in n.all_input_nodes if not layout_of(gm, a).const
+                   and (node_shape(a) is not None or _tensor_tuple(a))]
+        if not tensors:
             return False
-        node = tensors[0]
-    return False
+        stack.extend(tensors)
+    return len(stops) == 1
 
 
 def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
