@@ -84,23 +84,37 @@ def _inside(node: fx.Node, scope: str) -> bool:
     return path == scope or path.startswith(scope + ".")
 
 
-def _frontier(node: fx.Node, scope: str) -> Set[fx.Node]:
-    """The nearest ancestors of `node` produced outside module `scope` (its inputs), parameters excluded."""
-    out: Set[fx.Node] = set()
+def _walk_back(start: fx.Node, step: Callable[[fx.Node], Union[bool, List[fx.Node]]]) -> Optional[Set[fx.Node]]:
+    """Search back from `start`. For each node reached, `step` answers True (a stop: collected, not passed),
+    False (give up: None is returned) or the inputs to go on through. Returns the stops."""
+    stops: Set[fx.Node] = set()
     seen: Set[fx.Node] = set()
-    stack = [node]
+    stack = [start]
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
+        answer = step(n)
+        if answer is True:
+            stops.add(n)
+        elif answer is False:
+            return None
+        else:
+            stack.extend(answer)
+    return stops
+
+
+def _frontier(node: fx.Node, scope: str) -> Set[fx.Node]:
+    """The nearest ancestors of `node` produced outside module `scope` (its inputs), parameters excluded."""
+    def step(n: fx.Node):
         if n.op == "get_attr":
-            continue
+            return []
         if n is not node and (n.op == "placeholder" or not _inside(n, scope)):
-            out.add(n)
-            continue
-        stack.extend(n.all_input_nodes)
-    return out
+            return True
+        return n.all_input_nodes
+
+    return _walk_back(node, step) or set()
 
 
 @dataclasses.dataclass
@@ -190,27 +204,16 @@ def _shortcut(gm: fx.GraphModule, node: fx.Node, other: Set[fx.Node], scope: str
     projections, which concatenate pieces of one tensor). Two results of one inner computation that each mix
     several of its tensors (LambdaNet's content and position outputs: matmuls of its q, k and v; FocalNet's
     gated sums of focal levels) are not a shortcut and a branch. Parameters and constants do not count."""
-    stops: Set[fx.Node] = set()
-    seen: Set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    def step(n: fx.Node):
         if n in other:
-            stops.add(n)
-            if len(stops) > 1:
-                return False
-            continue
+            return True
         if not _inside(n, scope):
             return False
-        tensors = [a for a in n.all_input_nodes if not layout_of(gm, a).const
-                   and (node_shape(a) is not None or _tensor_tuple(a))]
-        if not tensors:
-            return False
-        stack.extend(tensors)
-    return len(stops) == 1
+        return [a for a in n.all_input_nodes if not layout_of(gm, a).const
+                and (node_shape(a) is not None or _tensor_tuple(a))] or False
+
+    stops = _walk_back(node, step)
+    return stops is not None and len(stops) == 1
 
 
 def _learned(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> bool:
