@@ -14,7 +14,7 @@ resumable (rows already in the CSV are skipped), with a progress bar.
 
     python benchmarks/census.py --workers 2 --out benchmarks/census.csv
     python benchmarks/census.py --summary benchmarks/census.csv     # Markdown summary of a CSV
-    python benchmarks/census.py --layout --sample 100 --out benchmarks/layout.csv
+    python benchmarks/census.py --layout --workers 2 --out benchmarks/out/layout.csv
         # layout mode: per timm model (meta device) and placement policy, how many sites got a default
         # channel axis (the goal is none), and which
 """
