@@ -399,6 +399,19 @@ def test_channels_split_over_heads_get_one_operator_per_channel():
         assert torch.allclose(exported(other), sparse(other), atol=1e-5)
 
 
+def test_split_channel_sites_survive_a_save_and_the_compile_backend(tmp_path):
+    torch.manual_seed(0)
+    model, x = HeadSplit().eval(), torch.randn(B, 3, H, W)
+    sparse = fxsparse.sparsify(model, [torch.randn(B, 3, H, W) for _ in range(3)], alpha=0.4, progress=False)
+    fxsparse.save(sparse, tmp_path / "m.fxs")
+    with torch.no_grad():
+        assert torch.equal(fxsparse.load(model, tmp_path / "m.fxs")(x), sparse(x))
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=fxsparse.backend(fxsparse.statistics(sparse), alpha=0.4,
+                                                                  compiler="eager"))
+        assert torch.allclose(compiled(x), sparse(x), atol=1e-6)
+
+
 def test_a_channel_shuffle_keeps_the_channel_axis():
     """ShuffleNet: (B, C, H, W) viewed as (B, groups, C / groups, H, W), transposed, merged back: every index
     of the merged axis is one channel (in shuffled order)."""
