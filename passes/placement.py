@@ -18,12 +18,11 @@ A residual join is an add (`+`, `+=`, `torch.add`, `aten.add`) of two tensors of
 one operand is computed from the other (x + f(x), looking through identity and dropout modules), or where,
 inside a module, both are computed from the module's input and one of them from a single tensor the other
 reads too (a projection shortcut: proj(x) + f(x); LambdaNet's content + position outputs, both matmuls of its
-q, k and v, are not). Adds of
-a parameter or buffer (position embeddings, attention biases) are not joins, nor are attention scores (a sum
-every use of which reaches a softmax through arithmetic and view ops: BoTNet's and HaloNet's relative-position
-logits added to q @ k^T), which have no channel axis. Policies produce `Site` objects
-with `source` and `consumers`, which the splice pass already supports; two policies that pick the same tensor
-give one operator whose `policy` names both.
+q, k and v, are not). Adds of a parameter or buffer (position embeddings, attention biases) are not joins,
+nor are attention scores (a sum every use of which reaches a softmax through arithmetic and view ops:
+BoTNet's and HaloNet's relative-position logits added to q @ k^T), which have no channel axis. Policies
+produce `Site` objects with `source` and `consumers`, which the splice pass already supports; two policies
+that pick the same tensor give one operator whose `policy` names both.
 """
 from __future__ import annotations
 
