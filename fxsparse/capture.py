@@ -373,7 +373,10 @@ def _time_limit(seconds: float):
     def expire(signum, frame):
         raise _Overtime()
 
+    import time
+
     previous = signal.signal(signal.SIGALRM, expire)
+    started = time.monotonic()
     remaining = signal.setitimer(signal.ITIMER_REAL, seconds)[0]
     try:
         yield
@@ -381,7 +384,7 @@ def _time_limit(seconds: float):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         if remaining:  # an outer timer (a caller's own time limit) keeps what was left of it
-            signal.setitimer(signal.ITIMER_REAL, max(remaining - seconds, 1e-3))
+            signal.setitimer(signal.ITIMER_REAL, max(remaining - (time.monotonic() - started), 1e-3))
 
 
 def _export(model: nn.Module, call: Call) -> fx.GraphModule:

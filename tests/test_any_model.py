@@ -377,6 +377,9 @@ def test_the_export_time_limit_stops_its_body_and_keeps_an_outer_timer():
                 time.sleep(5)
         left = signal.getitimer(signal.ITIMER_REAL)[0]
         assert 90 < left < 100 and signal.getsignal(signal.SIGALRM) is outer
+        with limit(30):  # a body well within its budget costs the outer timer only its own time
+            pass
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > left - 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
