@@ -122,6 +122,7 @@ UNARY_OPS = {"abs", "neg", "exp", "log", "sigmoid", "tanh", "sqrt", "rsqrt", "re
              "flip", "nan_to_num", "softmax", "_softmax", "log_softmax", "_log_softmax", "normalize", "erf",
              "cumsum", "requires_grad_", "square", "pow", "mean_sparse", "dropout_", "fill_", "zero_",
              "copy_", "masked_fill", "masked_fill_", "contiguous_format"}
+ADD_OPS = {"add", "add_", "iadd"}  # the sums a residual join is made of (placement.residual_joins too)
 BINARY_OPS = {"add", "add_", "iadd", "sub", "sub_", "rsub", "mul", "mul_", "imul", "div", "div_", "truediv",
               "floordiv", "pow", "maximum", "minimum", "where", "masked_fill", "lerp", "addcmul", "addcdiv", "fmod",
               "remainder", "eq", "ne", "lt", "le", "gt", "ge", "copy_"}
@@ -360,7 +361,7 @@ class _Analysis:
         transpose, Linear over the tokens, transpose back): the operand the other is computed from. Searched
         only when operands disagree, which is rare, so the analysis stays linear on ordinary graphs."""
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        if _base(node) not in ("add", "add_", "iadd") or len(operands) != 2:
+        if _base(node) not in ADD_OPS or len(operands) != 2:
             return None
         a, b = operands
         if node_shape(a) != node_shape(b):

@@ -37,7 +37,7 @@ from fxsparse.util import free_name, submodule_of
 from fxsparse.errors import SelectionError
 from fxsparse.passes.composites import op_name
 from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
-from fxsparse.passes.layout import is_norm, layout_of
+from fxsparse.passes.layout import ADD_OPS, is_norm, layout_of
 from fxsparse.passes.locate import Site, as_selection, locate, scoped_name
 from fxsparse.passes.shapes import node_shape
 
@@ -48,11 +48,8 @@ PRESETS: Dict[str, Tuple[str, ...]] = {
 }
 DEFAULT = ("activations",)
 
-_ADDS = {"add", "add_", "iadd"}
-
-
 def _is_add(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and op_name(node) in _ADDS
+    return node.op in ("call_function", "call_method") and op_name(node) in ADD_OPS
 
 
 def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
