@@ -1,10 +1,10 @@
 """fxsparse: MeanSparse for any vision model, as a torch.fx pass.
 
-The pipeline, one module a stage, in the order a model goes through it (imports run the same way, from the
-bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
+The pipeline, one stage a module or package, in the order a model goes through it (imports run the same way,
+from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
 
     op         fxsparse/ops.py             the MeanSparse operator (buffers mean, std, alpha)
-    capture    fxsparse/capture.py         nn.Module -> eval-mode GraphModule with every activation visible
+    capture    fxsparse/capture/           nn.Module -> eval-mode GraphModule with every activation visible
                                            (FX, or torch.export as fallback); shapes by fake-tensor
                                            propagation (passes/shapes.py)
     locate     passes/locate.py            activation calls of every kind (passes/kinds.py) and composite
@@ -13,16 +13,18 @@ bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
                                            outputs, presets for ConvNeXt and Swin
     layout     passes/layout.py            every tensor's channel axis (or unknown), one forward pass
     splice     passes/splice.py            a MeanSparse before each site, on the channel axis the layout
-                                           proves (LayoutWarning where it cannot)
+                                           proves (LayoutWarning where it cannot); private inputs
+                                           (passes/private_inputs.py)
     prepare    fxsparse/api.py             capture + place + splice; sparsify = prepare + calibrate + alpha
-    calibrate  fxsparse/calibrate.py       exact per-channel mean/std of each site's input over data
-                                           (fxsparse/stats.py; checkpoints: fxsparse/checkpoint.py; across
-                                           processes: fxsparse/distributed.py; as one compiled
-                                           program: fxsparse/calibrate_compiled.py)
-    controls   fxsparse/controls.py        set_alpha, straight_through
+    calibrate  fxsparse/calibrate/         exact per-channel mean/std of each site's input over data
+                                           (stats.py: the one formula; checkpoint.py; distributed.py: across
+                                           processes; compiled.py: as one compiled program; diagnose.py:
+                                           which layer refused a batch)
+    operators  fxsparse/operators.py       set_alpha, straight_through: every spliced operator at once
     audit      fxsparse/audit.py           one record per site: Markdown, JSON, networkx
-    files      fxsparse/persist.py         save / load (safetensors + JSON header, fxsparse/safefile.py)
-    authors    fxsparse/authors.py         from_meansparse: the authors' published statistics, site by site
+    files      fxsparse/files/             save / load (persist.py; safetensors + JSON header, safefile.py),
+                                           resume files of long runs (resume.py), from_meansparse: the
+                                           authors' published statistics (authors_checkpoint.py)
     inputs     fxsparse/normalization.py   with_normalization: the input normalisation inside the model, so
                                            attacks work on [0, 1] images (normalization_of: timm, torchvision)
 
@@ -30,8 +32,8 @@ Around the pipeline, one subpackage per concern:
 
     fxsparse/robust/     attacks, evaluate (as is and with BPDA), search_alpha, compare (paired McNemar);
                          guards (data in bounds, eps in units), outputs (logits of any classifier),
-                         sharding (per-example randomness, outcomes across ranks), resume (checkpoints of
-                         long runs), plots (the `eval` and `plot` extras)
+                         sharding (per-example randomness, outcomes across ranks), plots (the `eval` and
+                         `plot` extras)
     fxsparse/compile/    a torch.compile backend for models no capture path handles whole
     fxsparse/tools/      the `fxsparse` command, its data sources (data.py: image folders, .pt files, digits),
                          the demo, model names (zoo), the run-time coverage oracle
@@ -52,11 +54,11 @@ from fxsparse.passes.splice import splice
 from fxsparse.passes.placement import PRESETS, place, residual_joins
 from fxsparse.capture import capture
 from fxsparse.calibrate import calibrate
-from fxsparse.controls import set_alpha, straight_through
+from fxsparse.operators import set_alpha, straight_through
 from fxsparse.audit import Audit, SiteRecord, audit
 from fxsparse.api import prepare, sparsify
-from fxsparse.persist import load, save
-from fxsparse.authors import from_meansparse
+from fxsparse.files.persist import load, save
+from fxsparse.files.authors_checkpoint import from_meansparse
 from fxsparse.compile.backend import MeanSparseBackend, backend, statistics
 from fxsparse.normalization import normalization_of, with_normalization
 from fxsparse.robust.compare import Comparison, compare

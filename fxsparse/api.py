@@ -25,7 +25,7 @@ from fxsparse._meta import PREPARE_META, SITE_META
 from fxsparse.calibrate import calibrate
 from fxsparse.capture import capture as capture_model
 from fxsparse.capture import copy_model
-from fxsparse.controls import set_alpha
+from fxsparse.operators import set_alpha
 from fxsparse.errors import (CalibrationError, CaptureError, FxsparseTypeError, FxsparseValueError,
                              NoActivationWarning)
 from fxsparse.inputs import Call, as_call, call_record, default_example_inputs, forward_parameters, read_batch

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from fxsparse.errors import FxsparseValueError
 from fxsparse._meta import CAPTURE_META, SITE_META
-from fxsparse.stats import replaced_fraction
+from fxsparse.calibrate.stats import replaced_fraction
 from fxsparse.ops import MeanSparse, meansparse_ops
 
 
@@ -39,7 +39,7 @@ class SiteRecord:
     replaced: Optional[float]
     replaced_estimated: bool = False  # `replaced` comes from calibrate's one-pass histogram (an estimate)
     policy: str = "activations"  # the placement policy that put the operator there (passes/placement.py)
-    private_input: bool = False  # the input is a fresh tensor only the operator reads (passes/fresh.py)
+    private_input: bool = False  # the input is a fresh tensor only the operator reads (passes/private_inputs.py)
     axis_default: bool = False  # no rule proved the channel axis: the rank default (LayoutWarning said so)
 
 

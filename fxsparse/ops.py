@@ -246,7 +246,7 @@ class MeanSparse(nn.Module):
     """
 
     # Set by the splice pass when the input is a fresh tensor that only this operator reads
-    # (passes/fresh.py); reported by the audit, never used to overwrite the input. Class-level defaults, so
+    # (passes/private_inputs.py); reported by the audit, never used to overwrite the input. Class-level defaults, so
     # that operators pickled before these existed still load.
     private_input: bool = False
     producer_hooks: Tuple[dict, ...] = ()

@@ -5,7 +5,7 @@ input, and only the activation reads from it: other consumers of the input (a re
 original tensor. Where the channels span several axes (heads x head_dim), the operator reads a view with
 those axes moved last and flattened, and the activation reads the result moved back. For an in-place activation the operator works in place as well, so every alias of the
 input sees exactly what the original program let it see; with alpha = 0 the outputs are bit-identical. When
-the input is private to the operator (`passes/fresh.py`), eager inference may overwrite it too.
+the input is private to the operator (`passes/private_inputs.py`), eager inference may overwrite it too.
 
 For a site inside an opaque leaf (a no-trace module that could not be traced through), the operator is
 registered next to the activation inside the leaf (the leaf belongs to the captured copy, never to the
@@ -25,7 +25,7 @@ from fxsparse._meta import INNER_META, PATH_META, SHAPE_META, SITE_META
 from fxsparse.errors import FxsparseValueError, LayoutWarning
 from fxsparse.ops import MeanSparse
 from fxsparse.passes.layout import Decision, decide, decide_inner, overrides, rank_default
-from fxsparse.passes.fresh import producer_hooks
+from fxsparse.passes.private_inputs import producer_hooks
 from fxsparse.passes.locate import Site
 from fxsparse.passes.shapes import node_shape
 

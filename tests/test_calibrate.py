@@ -7,7 +7,7 @@ from torch import nn
 import fxsparse
 from fxsparse.testing.data import CountingData
 from fxsparse.calibrate import batch_inputs
-from fxsparse.stats import ChannelStats
+from fxsparse.calibrate.stats import ChannelStats
 
 
 def _two_pass_reference(x: torch.Tensor, dim: int):
@@ -153,7 +153,7 @@ def test_zscore_histogram_counts_elements_inside_every_band(channels, per_channe
     """counts[k] = number of elements with |x - mean| < ZSCORE_GRID[k] * std, for every k; elements sit half
     a grid step from the band edges (away from rounding ties), beyond the grid, or exactly at a zero-std
     channel's mean (never inside: the band has width 0)."""
-    from fxsparse.stats import ZSCORE_GRID, ZScoreCounter
+    from fxsparse.calibrate.stats import ZSCORE_GRID, ZScoreCounter
 
     op = fxsparse.MeanSparse(channels, dim=1)
     op.mean.copy_(torch.tensor([rng.uniform(-3, 3) for _ in range(channels)]))
@@ -188,7 +188,7 @@ def test_replaced_fraction_matches_operator_on_calibration_data():
 def test_one_pass_estimate_is_close_to_the_exact_count_and_marked_as_an_estimate():
     """The default reads the data once and estimates the replaced fractions (grid fixed by the first batch,
     whose statistics differ from the final ones); measure="exact" reads it twice and counts them."""
-    from fxsparse.stats import ZSCORE_GRID
+    from fxsparse.calibrate.stats import ZSCORE_GRID
 
     torch.manual_seed(3)
     model = Tiny().eval()

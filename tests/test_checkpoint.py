@@ -1,4 +1,5 @@
 """Resumable calibration: an interrupted run resumed from its checkpoint equals an uninterrupted run, bit for bit."""
+import importlib
 import os
 
 import pytest
@@ -70,11 +71,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, measure, on_pass
 
 
 def test_checkpoint_files_are_written_atomically_and_every_n_batches(tmp_path, monkeypatch):
-    from fxsparse import safefile
+    from fxsparse.files import safefile
 
     written = []
     original = safefile.write
-    monkeypatch.setattr("fxsparse.checkpoint.write", lambda path, t, h: (written.append(h["batches_done"]),
+    monkeypatch.setattr(importlib.import_module("fxsparse.calibrate.checkpoint"), "write", lambda path, t, h: (written.append(h["batches_done"]),
                                                                          original(path, t, h)))
     fxsparse.calibrate(_prepared(), BATCHES, checkpoint=str(tmp_path / "c"), checkpoint_every=3)
     assert written == [3, 6]  # one pass

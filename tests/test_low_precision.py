@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxsparse
 from fxsparse.testing.bad_inputs import Small
-from fxsparse.stats import ChannelStats
+from fxsparse.calibrate.stats import ChannelStats
 
 LOW = [torch.float16, torch.bfloat16]
 

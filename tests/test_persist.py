@@ -133,7 +133,7 @@ def test_decisions_survive_a_save_and_newer_formats_are_refused(tmp_path):
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(json.loads(f.read(length))["__metadata__"]["fxsparse"])
-    assert header["format_version"] == fxsparse.persist.FORMAT_VERSION == 2
+    assert header["format_version"] == fxsparse.files.persist.FORMAT_VERSION == 2
     assert header["prepare"]["channel_dims"] == {"relu": 1}
     assert header["prepare"]["placement"] == ["activations"]
     assert header["prepare"]["select"]["exclude"] == ["relu_1"]
@@ -144,9 +144,9 @@ def test_decisions_survive_a_save_and_newer_formats_are_refused(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), gm(x))
 
-    from fxsparse.safefile import read, write
+    from fxsparse.files.safefile import read, write
     tensors, header = read(path, "fxsparse file")
     header.pop("sha256", None)
-    write(path, tensors, dict(header, format_version=fxsparse.persist.FORMAT_VERSION + 1))
+    write(path, tensors, dict(header, format_version=fxsparse.files.persist.FORMAT_VERSION + 1))
     with pytest.raises(fxsparse.PersistenceError, match="newer format"):
         fxsparse.load(Tokens(), path)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from fxsparse.errors import PersistenceError
-from fxsparse.robust.resume import ResumeFile
+from fxsparse.files.resume import ResumeFile
 from fxsparse.robust.sharding import example_seeds, gather_examples, per_example_rand
 
 

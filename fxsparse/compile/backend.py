@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import fx, nn
 
-from fxsparse.stats import ChannelStats
+from fxsparse.calibrate.stats import ChannelStats
 from fxsparse.util import free_name
 from fxsparse.errors import BackendError, CalibrationError, FxsparseError, SelectionError
 from fxsparse.ops import MeanSparse, mean_sparse, meansparse_ops

@@ -27,11 +27,11 @@ from fxsparse.util import model_device, progress_bar
 from fxsparse.robust import attacks as _attacks
 from fxsparse.robust.guards import check_batch, check_budget, check_l2_budget
 from fxsparse.robust.outputs import LogitsFn, as_classifier
-from fxsparse.controls import straight_through
-from fxsparse.distributed import failing_together, rank_and_size
+from fxsparse.operators import straight_through
+from fxsparse.calibrate.distributed import failing_together, rank_and_size
 from fxsparse.errors import DistributedError, FxsparseTypeError, FxsparseValueError
 from fxsparse.ops import meansparse_ops
-from fxsparse.robust.resume import ResumeFile
+from fxsparse.files.resume import ResumeFile
 from fxsparse.robust.sharding import example_fingerprints, example_seeds, gather_examples
 
 MODES = ("plain", "bpda")

@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from fxsparse.util import progress_bar
-from fxsparse.controls import set_alpha
+from fxsparse.operators import set_alpha
 from fxsparse.errors import FxsparseValueError, PersistenceError, SearchWarning, SelectionError
 from fxsparse.robust.compare import LEVEL, mcnemar_exact, wilson
 from fxsparse.robust.evaluation import MODES, evaluate, iter_batches, parse_attack
-from fxsparse.robust.resume import ResumeFile
+from fxsparse.files.resume import ResumeFile
 from fxsparse.robust.sharding import example_fingerprints, gather_strings
 from fxsparse.robust.guards import check_budget
 from fxsparse.robust.outputs import LogitsFn

@@ -15,7 +15,7 @@ from typing import List
 
 import torch
 
-from fxsparse.distributed import all_gather, rank_and_size
+from fxsparse.calibrate.distributed import all_gather, rank_and_size
 
 
 def example_fingerprints(x: torch.Tensor, y: torch.Tensor) -> List[str]:

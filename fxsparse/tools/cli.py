@@ -58,7 +58,7 @@ def _cmd_audit(args) -> int:
     if args.format == "json":
         print(report.to_json())
     else:
-        from fxsparse.diagnose import describe_tensors
+        from fxsparse.calibrate.diagnose import describe_tensors
 
         print(f"# fxsparse audit: {args.model}\n\n{note}; input [{describe_tensors(example)}]\n")
         print(report.to_markdown())

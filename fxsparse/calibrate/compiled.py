@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from fxsparse.errors import CalibrationError
 from fxsparse.ops import MeanSparse, meansparse_ops
-from fxsparse.stats import ChannelStats, ZScoreSketch
+from fxsparse.calibrate.stats import ChannelStats, ZScoreSketch
 
 
 def site_moments(x: torch.Tensor, dim: int, exact: bool, sample: bool):

@@ -4,7 +4,7 @@ A file holds tensors (per-example outcomes of the finished batches or trials) an
 run's configuration (attacks, eps, seed, batch size, the model's operators and alphas, ...). Rerunning the
 same call with the same file resumes after the last saved point and gives the result of an uninterrupted
 run; a file written by a different configuration is refused, naming what differs, rather than mixed in.
-Writes are atomic (fxsparse/safefile.py); under torch.distributed each rank keeps `<path>.rank<r>`. The file
+Writes are atomic (fxsparse/files/safefile.py); under torch.distributed each rank keeps `<path>.rank<r>`. The file
 is deleted when the run finishes.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Dict, Mapping, Tuple
 
 import torch
 
-from fxsparse.distributed import rank_and_size
+from fxsparse.calibrate.distributed import rank_and_size
 from fxsparse.errors import PersistenceError
-from fxsparse.safefile import read, write
+from fxsparse.files.safefile import read, write
 
 
 class ResumeFile:

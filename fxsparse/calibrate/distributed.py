@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 
 from fxsparse.errors import CalibrationError
-from fxsparse.stats import ChannelStats, ZScoreCounter
+from fxsparse.calibrate.stats import ChannelStats, ZScoreCounter
 
 
 def rank_and_size() -> Tuple[int, int]:

@@ -16,11 +16,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from fxsparse.distributed import rank_and_size
+from fxsparse.calibrate.distributed import rank_and_size
 from fxsparse.errors import CalibrationError
 from fxsparse.ops import MeanSparse
-from fxsparse.safefile import read, write
-from fxsparse.stats import ChannelStats, ZScoreCounter, ZScoreSketch
+from fxsparse.files.safefile import read, write
+from fxsparse.calibrate.stats import ChannelStats, ZScoreCounter, ZScoreSketch
 
 FORMAT = "fxsparse-calibration-checkpoint"
 PHASES = ("statistics", "measure")

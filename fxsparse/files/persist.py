@@ -1,6 +1,6 @@
 """Save a sparsified model's MeanSparse state, and load it into the same architecture, without pickle.
 
-The file (safetensors with a JSON header, see `fxsparse/safefile.py`) holds what fxsparse adds to a model and
+The file (safetensors with a JSON header, see `fxsparse/files/safefile.py`) holds what fxsparse adds to a model and
 nothing of the model itself: per site the buffers `mean`, `std`, `alpha`, `count` and the calibration
 histogram, and in the header the sites (kind, channel axis and how it was decided, channel count), what
 `prepare` was told (selection, placement, channel_dims overrides, example input shapes), the capture path,
@@ -28,7 +28,7 @@ from fxsparse.errors import FxsparseTypeError, NoActivationWarning, PersistenceE
 from fxsparse.inputs import call_from_record
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.passes.locate import Selection
-from fxsparse.safefile import read, write
+from fxsparse.files.safefile import read, write
 
 FORMAT = "fxsparse-meansparse"
 FORMAT_VERSION = 2

@@ -1,4 +1,4 @@
-"""Private inputs (passes/fresh.py): the graph analysis that marks a fresh tensor only the operator reads (the
+"""Private inputs (passes/private_inputs.py): the graph analysis that marks a fresh tensor only the operator reads (the
 audit's `private_input`), and the operator, which never overwrites an input unless the activation itself was
 in place (overwriting a private input needed a private torch API to be safe, so it is gone)."""
 import copy
@@ -49,7 +49,7 @@ def test_private_inputs_are_fresh_single_reader_values():
 
 
 def test_library_modules_are_fresh_only_with_their_own_forward():
-    from fxsparse.passes.fresh import producer_hooks
+    from fxsparse.passes.private_inputs import producer_hooks
 
     root = nn.Module()
     root.fc, root.own = nn.Linear(3, 3), OwnLinear(3, 3)

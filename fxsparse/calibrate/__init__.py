@@ -2,13 +2,13 @@
 
 Each MeanSparse observes its input while it passes through unchanged (the model computes exactly what the
 original computes). Per batch and channel we take count, mean and M2 in float64 and merge batches with the
-parallel formula of Chan et al. (`fxsparse/stats.py`): the result is the population statistics of all
+parallel formula of Chan et al. (`fxsparse/calibrate/stats.py`): the result is the population statistics of all
 elements, independent of batch size and order up to float64 rounding. Float16 and bfloat16 models are
 accumulated the same way, in float64; only the final mean and std are stored in the model's dtype.
 
 Under `torch.distributed` every rank calibrates on its shard and the partial statistics are merged across
-ranks (`fxsparse/distributed.py`). Long runs can save partial statistics every N batches and resume after an
-interruption (`fxsparse/checkpoint.py`).
+ranks (`fxsparse/calibrate/distributed.py`). Long runs can save partial statistics every N batches and resume after an
+interruption (`fxsparse/calibrate/checkpoint.py`).
 
 The same pass estimates, per site, how many elements lie within z standard deviations of their channel mean
 for a grid of z (`ZScoreSketch`: a per-channel histogram on a grid fixed by the first batch); the audit reads
@@ -28,14 +28,14 @@ from torch import fx, nn
 
 from fxsparse.util import first_line, model_state
 from fxsparse._meta import PREPARE_META
-from fxsparse.checkpoint import CalibrationCheckpoint
-from fxsparse.diagnose import failing_node
-from fxsparse.distributed import (check_same_across_ranks, failing_together, merge_stats_across_ranks, on_rank,
+from fxsparse.calibrate.checkpoint import CalibrationCheckpoint
+from fxsparse.calibrate.diagnose import failing_node
+from fxsparse.calibrate.distributed import (check_same_across_ranks, failing_together, merge_stats_across_ranks, on_rank,
                                   sum_across_ranks, sum_counters_across_ranks)
 from fxsparse.errors import CalibrationError, FxsparseTypeError, NoActivationWarning
 from fxsparse.inputs import Call, find_record, read_batch
 from fxsparse.ops import MeanSparse, meansparse_ops
-from fxsparse.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter, ZScoreSketch
+from fxsparse.calibrate.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter, ZScoreSketch
 
 
 
@@ -253,7 +253,7 @@ class _Recorder:
 def _statistics_pass(gm, data, stats, start: int, saver, passes, sketches=None, compile=False) -> None:
     """Per-channel moments on this rank (and, with `sketches`, the one-pass histograms), merged across ranks,
     written into the operators. With `compile`, one torch.compile'd program computes them
-    (fxsparse/calibrate_compiled.py)."""
+    (fxsparse/calibrate/compiled.py)."""
     def after_batch(n: int, inputs) -> None:
         _check_finite(stats, n - 1, inputs)
         if saver is not None:
@@ -262,7 +262,7 @@ def _statistics_pass(gm, data, stats, start: int, saver, passes, sketches=None, 
     observers = stats if sketches is None else {op: _Recorder(stats[op], sketches[op]) for op in stats}
     runner = gm
     if compile:
-        from fxsparse.calibrate_compiled import compiled_statistics
+        from fxsparse.calibrate.compiled import compiled_statistics
 
         compiled = compiled_statistics(gm, stats, sketches)
         if compiled is not None:
