@@ -21,14 +21,17 @@ resumable (rows already in the CSV are skipped), with a progress bar.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter, defaultdict
 
 FIELDS = ["library", "model", "family", "status", "capture", "fx_reason", "export_reason", "meta_reason", "sites", "params_m", "input",
@@ -322,7 +325,6 @@ def layout_rows(name, timeout):
     import torch
 
     import fxsparse
-    from fxsparse.passes.splice import decide_site
 
     rows = []
     signal.signal(signal.SIGALRM, _alarm)
@@ -335,11 +337,17 @@ def layout_rows(name, timeout):
             t0 = time.time()
             row = dict(model=name, family=family("timm", name), policy=policy, status="ok")
             try:
-                sites = fxsparse.place(gm, None, policy)
-                decisions = [decide_site(gm, site) for site in sites]
-                defaults = [f"{s.name}({d.rule})" for s, d in zip(sites, decisions) if d.default]
+                spliced = copy.deepcopy(gm)
+                sites = fxsparse.place(spliced, None, policy)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", fxsparse.LayoutWarning)
+                    fxsparse.splice(spliced, sites)  # the axes splice itself decides
+                ops = [m for m in spliced.modules() if isinstance(m, fxsparse.MeanSparse)]
+                defaults = [f"{op.site}({op.axis_rule})" for op in ops if op.axis_default]
+                warned = [re.search(r"of (\d+) site", str(w.message)) for w in caught
+                          if issubclass(w.category, fxsparse.LayoutWarning)]
                 row.update(sites=len(sites), defaults=len(defaults), default_sites=" ".join(defaults[:3]),
-                           warned=sum(d.problem is not None for d in decisions))
+                           warned=sum(int(m.group(1)) for m in warned if m))
             except Exception as exc:
                 row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             row["seconds"] = round(time.time() - t0, 2)

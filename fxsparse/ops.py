@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import types
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
+from fxsparse.config import eager_kernel_at_start
 from fxsparse.util import first_line
 from fxsparse.errors import FxsparseValueError
 
@@ -87,7 +87,7 @@ def _lean_allowed(x: torch.Tensor) -> bool:
 # Correct results never depend on it: gradients, low precision, torch.compile / export / tracing / dispatch
 # modes always take the plain ops.
 EAGER_KERNELS = ("plain", "fused")
-_eager_kernel = os.environ.get("FXSPARSE_EAGER_KERNEL", "plain")
+_eager_kernel = eager_kernel_at_start()
 FUSED_MIN_ELEMENTS = 1 << 13  # below this, a compiled call's guard checks cost more than the plain ops
 _FUSED_DTYPES = (torch.float32, torch.float64)
 

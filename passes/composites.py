@@ -12,34 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Iterator, List, Optional, Set, Tuple
 
 from torch import fx
 
-_OPERATORS = {operator.mul: "mul", operator.imul: "mul_", operator.truediv: "div", operator.itruediv: "div_",
-              operator.add: "add", operator.iadd: "add_", operator.sub: "sub"}
-
-
-def op_name(node: fx.Node) -> Optional[str]:
-    """'mul', 'mul_', 'sigmoid', ... for call_function / call_method nodes, whatever their spelling."""
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op != "call_function":
-        return None
-    target = node.target
-    if target in _OPERATORS:
-        return _OPERATORS[target]
-    packet = getattr(target, "overloadpacket", None)
-    if packet is not None:
-        return packet.__name__
-    return getattr(target, "__name__", None)
-
-
-def _base(node: fx.Node) -> Optional[str]:
-    name = op_name(node)
-    return name.rstrip("_") if name else None
-
+from fxsparse.passes.vocabulary import op_name
 
 def _scalar(value) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -51,7 +28,7 @@ def _tensor_args(node: fx.Node) -> List[fx.Node]:
 
 def _scaled(node: fx.Node) -> Optional[Tuple[fx.Node, float]]:
     """(x, c) when node is x * c, c * x or x / (1 / c) with a Python scalar c."""
-    base = _base(node)
+    base = op_name(node, strip=True)
     if base not in ("mul", "div") or len(node.args) != 2:
         return None
     a, b = node.args
@@ -90,13 +67,13 @@ def _writes_into(node: fx.Node, x: fx.Node) -> bool:
 def _gated_product(gate: fx.Node, gate_input: fx.Node, x: fx.Node) -> Optional[fx.Node]:
     """The node x * gate among the users of gate."""
     for user in gate.users:
-        if _base(user) == "mul" and _other(user, gate) is x:
+        if op_name(user, strip=True) == "mul" and _other(user, gate) is x:
             return user
     return None
 
 
 def _sigmoid_family(node: fx.Node) -> Optional[Composite]:
-    if _base(node) != "sigmoid" or not node.args or not isinstance(node.args[0], fx.Node):
+    if op_name(node, strip=True) != "sigmoid" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     arg = node.args[0]
     scaled = _scaled(arg)
@@ -111,10 +88,10 @@ def _sigmoid_family(node: fx.Node) -> Optional[Composite]:
 
 
 def _mish(node: fx.Node) -> Optional[Composite]:
-    if _base(node) != "tanh" or not node.args or not isinstance(node.args[0], fx.Node):
+    if op_name(node, strip=True) != "tanh" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     sp = node.args[0]
-    if _base(sp) != "softplus" or not sp.args or not isinstance(sp.args[0], fx.Node):
+    if op_name(sp, strip=True) != "softplus" or not sp.args or not isinstance(sp.args[0], fx.Node):
         return None
     x = sp.args[0]
     out = _gated_product(node, sp, x)
@@ -125,19 +102,19 @@ def _mish(node: fx.Node) -> Optional[Composite]:
 
 
 def _erf_gelu(node: fx.Node) -> Optional[Composite]:
-    if _base(node) != "erf" or not node.args or not isinstance(node.args[0], fx.Node):
+    if op_name(node, strip=True) != "erf" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     scaled = _scaled(node.args[0])
     if scaled is None or not math.isclose(scaled[1], 1 / math.sqrt(2), rel_tol=1e-3):
         return None
     x, pre = scaled[0], node.args[0]
-    plus = [u for u in node.users if _base(u) == "add" and any(_scalar(a) == 1.0 for a in u.args)]
+    plus = [u for u in node.users if op_name(u, strip=True) == "add" and any(_scalar(a) == 1.0 for a in u.args)]
     if len(plus) != 1:
         return None
     plus = plus[0]
     nodes = {pre, node, plus}
     for user in plus.users:
-        if _base(user) != "mul":
+        if op_name(user, strip=True) != "mul":
             continue
         other = _other(user, plus)
         half = _scaled(other) if other is not None else None

@@ -12,31 +12,23 @@ A reshape that splits the channel axis into consecutive axes (heads x head_dim) 
 channels span those axes, moved by permutes, kept by elementwise ops and chunks, merged back by a reshape.
 The splice views such a site's input as (..., channels) around its operator, so each channel gets its own
 statistics (EfficientViT's linear attention applies its ReLU kernel to per-head q and k).
-
-`decide` turns a fact into a site's channel axis. Unknown is never silently replaced by a guess: it is
-cross-checked against the channel counts that parameters declare (the producer's out_channels, out_features,
-normalized_shape, num_features, a consumer's in_channels or in_features), or the tensor has a single
-non-batch axis; otherwise the rank default is used and flagged, and the caller warns (`LayoutWarning`).
 """
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import operator
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from fxsparse._meta import LAYOUT_META
 from fxsparse.util import submodule_of
-from fxsparse.errors import SelectionError
-from fxsparse.ops import MeanSparse
-from fxsparse.passes.composites import op_name
-from fxsparse.passes.kinds import kind_of_aten, kind_of_function, kind_of_method, kind_of_module
+from fxsparse.passes.graph import int_list, is_pass, producer, walk
 from fxsparse.passes.shapes import node_shape
-
+from fxsparse.passes.vocabulary import (ADD_OPS, BINARY_OPS, CAT_OPS, MATMUL_OPS, PERMUTE_OPS, REDUCE_OPS,
+                                        RESHAPE_MODULES, RESHAPE_OPS, SPLIT_OPS, op_name)
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -71,191 +63,7 @@ class Layout:
 UNKNOWN = Layout(None, "unknown")
 
 
-# ---- rule tables -------------------------------------------------------------------------------------------
-def _classes(names: Iterable[str]) -> tuple:
-    out = []
-    try:
-        import timm.layers as tl
-    except ImportError:
-        return ()
-    for n in names:
-        cls = getattr(tl, n, None) or getattr(getattr(tl, "norm_act", None), n, None)
-        if isinstance(cls, type):
-            out.append(cls)
-    return tuple(out)
-
-
-# timm's 2-D LayerNorm / RmsNorm variants subclass LayerNorm but normalise the channels of NCHW input
-FIRST_NORM_MODULES = _classes(("LayerNorm2d", "LayerNormAct2d", "LayerNormAct2dFp32", "RmsNorm2d", "RmsNormAct2d",
-                               "RmsNormAct2dFp32", "LayerNorm2dFp32"))
-FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
-LAST_MODULES = (nn.Linear, nn.Bilinear, nn.MultiheadAttention, nn.LayerNorm) + tuple(
-    c for c in (getattr(nn, "RMSNorm", None),) if c is not None) + _classes(("RmsNorm", "SimpleNorm", "LayerNormFp32"))
-NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + FIRST_NORM_MODULES + tuple(
-    c for c in (getattr(nn, "RMSNorm", None),) if c is not None) + _classes(("RmsNorm",))
-PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, MeanSparse, nn.modules.pooling._MaxPoolNd,
-                nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-                nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample, nn.modules.padding._ConstantPadNd,
-                nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd, nn.PixelShuffle,
-                nn.Softmax, nn.LogSoftmax)
-PASS_MODULE_NAMES = {"DropPath", "DropBlock2d", "Identity", "LayerScale", "LayerScale2d"}
-RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
-
-# op names (composites.op_name: FX functions, tensor methods and ATen packets alike)
-FIRST_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
-             "conv_transpose3d", "batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training",
-             "_native_batch_norm_legit", "_native_batch_norm_legit_functional", "cudnn_batch_norm", "group_norm",
-             "native_group_norm", "instance_norm", "mkldnn_convolution"}
-LAST_OPS = {"linear", "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "addmm", "baddbmm"}
-MATMUL_OPS = {"matmul", "mm", "bmm"}  # by a weight: the last dim; between activations: see _Analysis.matmul
-NORM_OPS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
-            "_native_batch_norm_legit_functional", "cudnn_batch_norm", "group_norm", "native_group_norm",
-            "instance_norm", "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
-UNARY_OPS = {"abs", "neg", "exp", "log", "sigmoid", "tanh", "sqrt", "rsqrt", "reciprocal", "sign", "clamp", "clip",
-             "clamp_min", "clamp_max", "float", "half", "bfloat16", "double", "to", "_to_copy", "type", "type_as",
-             "contiguous", "clone", "detach", "alias", "dropout", "native_dropout", "feature_dropout",
-             "alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "pad", "constant_pad_nd", "reflection_pad1d",
-             "reflection_pad2d", "replication_pad2d", "roll", "interpolate", "upsample_nearest2d",
-             "upsample_bilinear2d", "upsample_bicubic2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-             "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d",
-             "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "lp_pool2d", "pixel_shuffle", "expand", "expand_as",
-             "flip", "nan_to_num", "softmax", "_softmax", "log_softmax", "_log_softmax", "normalize", "erf",
-             "cumsum", "requires_grad_", "square", "pow", "mean_sparse", "dropout_", "fill_", "zero_",
-             "copy_", "masked_fill", "masked_fill_", "contiguous_format"}
-ADD_OPS = {"add", "add_", "iadd"}  # the sums a residual join is made of (placement.residual_joins too)
-BINARY_OPS = {"add", "add_", "iadd", "sub", "sub_", "rsub", "mul", "mul_", "imul", "div", "div_", "truediv",
-              "floordiv", "pow", "maximum", "minimum", "where", "masked_fill", "lerp", "addcmul", "addcdiv", "fmod",
-              "remainder", "eq", "ne", "lt", "le", "gt", "ge", "copy_"}
-RESHAPE_OPS = {"reshape", "view", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "squeeze_",
-               "unsqueeze_", "view_as", "reshape_as", "_reshape_alias"}
-PERMUTE_OPS = {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis"}
-CAT_OPS = {"cat", "concat", "concatenate"}
-REDUCE_OPS = {"mean", "sum", "amax", "amin", "std", "var", "prod", "logsumexp", "norm"}
-SPLIT_OPS = {"split", "chunk", "tensor_split", "split_with_sizes", "unsafe_split", "unsafe_chunk"}
-
-
-def _base(node: fx.Node) -> str:
-    name = op_name(node) or ""
-    return "truediv" if name == "truediv" else name
-
-
-def producer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-    """'first' or 'last' when `node` itself fixes the channel axis of its output."""
-    mod = submodule_of(gm, node)
-    if mod is not None:
-        if isinstance(mod, FIRST_NORM_MODULES) or isinstance(mod, FIRST_MODULES):
-            return "first"
-        if isinstance(mod, LAST_MODULES):
-            return "last"
-        return None
-    if node.op in ("call_function", "call_method"):
-        name = _base(node)
-        if name in FIRST_OPS:
-            return "first"
-        if name in LAST_OPS:
-            return "last"
-    return None
-
-
-def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether `node` is a normalisation layer's output (a module, a function, or output 0 of a native norm)."""
-    mod = submodule_of(gm, node)
-    if mod is not None:
-        return isinstance(mod, NORM_MODULES)
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        return node.args[1] == 0 and is_norm(gm, node.args[0])
-    return node.op in ("call_function", "call_method") and _base(node) in NORM_OPS
-
-
-_CONV_GROUPS = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8, "_convolution": 8}
-_NORM_WEIGHT = {"batch_norm": 1, "native_batch_norm": 1, "_native_batch_norm_legit_no_training": 1,
-                "_native_batch_norm_legit": 1, "group_norm": 2, "native_group_norm": 1, "instance_norm": 1}
-
-
-def _weight_shape(node: fx.Node, index: int) -> Optional[Tuple[int, ...]]:
-    arg = node.args[index] if len(node.args) > index else None
-    return node_shape(arg) if isinstance(arg, fx.Node) else None
-
-
-def _declared_by_function(node: fx.Node, side: str) -> Optional[Tuple[int, str]]:
-    """Counts that a function's weight arguments fix (torch.export graphs, F.conv2d(x, self.weight), ...)."""
-    if node.op != "call_function":
-        return None
-    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[1] == 0:
-        return _declared_by_function(node.args[0], side) if side == "out" else None
-    name = _base(node)
-    if name in _CONV_GROUPS or name == "linear":
-        w = _weight_shape(node, 1)
-        if not w or len(w) < 2:
-            return None
-        if name == "linear":
-            count = w[0] if side == "out" else w[1]
-        else:
-            if len(node.args) > 6 and name in ("convolution", "_convolution") and node.args[6]:
-                return None  # transposed convolution
-            groups = node.args[_CONV_GROUPS[name]] if len(node.args) > _CONV_GROUPS[name] else 1
-            count = w[0] if side == "out" else w[1] * (groups if isinstance(groups, int) else 1)
-        return count, f"{name} {node.name} weight {tuple(w)}"
-    if name in _NORM_WEIGHT:
-        w = _weight_shape(node, _NORM_WEIGHT[name])
-        if w and len(w) == 1:
-            return w[0], f"{name} {node.name} weight {tuple(w)}"
-    if name in ("layer_norm", "native_layer_norm"):
-        ns = _ints(node.args[1]) if len(node.args) > 1 else None
-        if ns and len(ns) == 1:
-            return ns[0], f"{name} {node.name} normalized_shape={tuple(ns)}"
-    return None
-
-
-def declared_out(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[int, str]]:
-    """(channel count, what declares it) from the parameters of the module or function that produced `node`."""
-    return _declared(gm, node, "out", ("out_channels", "out_features", "num_features", "num_channels", "embed_dim"))
-
-
-def declared_in(gm: fx.GraphModule, node: fx.Node) -> Optional[Tuple[int, str]]:
-    """(channel count, what declares it) from the parameters of the module or function that reads `node`."""
-    return _declared(gm, node, "in", ("in_channels", "in_features", "num_features", "num_channels"))
-
-
-def _declared(gm: fx.GraphModule, node: fx.Node, side: str, attrs: Tuple[str, ...]) -> Optional[Tuple[int, str]]:
-    mod = submodule_of(gm, node)
-    if mod is None:
-        return _declared_by_function(node, side)
-    for attr in attrs:
-        value = getattr(mod, attr, None)
-        if isinstance(value, int):
-            return value, f"{type(mod).__name__} {node.target}.{attr}={value}"
-    shape = getattr(mod, "normalized_shape", None)
-    if isinstance(shape, (tuple, list)) and len(shape) == 1:
-        return int(shape[0]), f"{type(mod).__name__} {node.target}.normalized_shape={tuple(shape)}"
-    return None
-
-
-def _is_pass(gm: fx.GraphModule, node: fx.Node) -> bool:
-    mod = submodule_of(gm, node)
-    if mod is not None:
-        return (isinstance(mod, PASS_MODULES) or type(mod).__name__ in PASS_MODULE_NAMES
-                or kind_of_module(mod) is not None)
-    if node.op == "call_function":
-        if _base(node) in UNARY_OPS:
-            return True
-        if kind_of_function(node.target) is not None:
-            return True
-        return isinstance(node.target, torch._ops.OpOverload) and kind_of_aten(node.target) is not None
-    if node.op == "call_method":
-        return _base(node) in UNARY_OPS or kind_of_method(node.target) is not None
-    return False
-
-
 # ---- the analysis ------------------------------------------------------------------------------------------
-def _ints(value) -> Optional[List[int]]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
-        return list(value)
-    return None
-
-
 class _Analysis:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
@@ -289,27 +97,28 @@ class _Analysis:
             return Layout(None, "constant", const=True)  # parameters reshaped or resized, torch.ones(...), ...
         side = producer(gm, node)
         if side is not None and shape is not None:
-            what = type(submodule_of(gm, node)).__name__ if node.op == "call_module" else _base(node)
+            what = type(submodule_of(gm, node)).__name__ if node.op == "call_module" else op_name(node)
             where = f" {node.target}" if node.op == "call_module" else ""
             return Layout((1 if len(shape) > 1 else 0) if side == "first" else len(shape) - 1, f"{what}{where}")
-        name = _base(node)
-        if name in MATMUL_OPS:
-            return self.matmul(node)
+        name = op_name(node)
+        rule = self.rule_for(node, name)
+        fact = rule(self, node) if rule is not None else None
+        return fact if fact is not None else self.elementwise(node, name)
+
+    def rule_for(self, node: fx.Node, name: Optional[str]) -> Optional[Callable]:
+        """The table rule for `node` (RULES, by op name; getitem and reshape modules by target)."""
         if node.op == "call_function" and node.target is operator.getitem:
-            return self.getitem(node)
-        if submodule_of(gm, node) is not None and isinstance(submodule_of(gm, node), RESHAPE_MODULES) or name in RESHAPE_OPS:
-            return self.reshape(node)
-        if name in PERMUTE_OPS:
-            return self.permute(node)
-        if name in CAT_OPS:
-            return self.cat(node)
-        if name == "stack":
-            return self.stack(node)
-        if name in REDUCE_OPS and len([a for a in node.args if isinstance(a, fx.Node)]) == 1:
-            return self.reduce(node)
+            return _Analysis.getitem
+        if isinstance(submodule_of(self.gm, node), RESHAPE_MODULES):
+            return _Analysis.reshape
+        return RULES.get(name) if name else None
+
+    def elementwise(self, node: fx.Node, name: Optional[str]) -> Layout:
+        """Ops with no table rule: binary ops combine their operands, pass-through ops carry their input."""
+        inputs, shape = node.all_input_nodes, node_shape(node)
         if name in BINARY_OPS and len(inputs) > 1 or name in ("where", "masked_fill", "lerp"):
             return self.combine(node)
-        if _is_pass(gm, node) or name in BINARY_OPS:
+        if is_pass(self.gm, node) or name in BINARY_OPS:
             src = next((a for a in node.args if isinstance(a, fx.Node)), None) or (inputs[0] if inputs else None)
             if src is None or shape is None:
                 return UNKNOWN
@@ -330,7 +139,7 @@ class _Analysis:
         val = node.meta.get("val")
         if val is not None:
             return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)
-        return node.op in ("call_module", "placeholder") or _base(node) in SPLIT_OPS or producer(self.gm, node) is not None
+        return node.op in ("call_module", "placeholder") or op_name(node) in SPLIT_OPS or producer(self.gm, node) is not None
 
     def combine(self, node: fx.Node) -> Layout:
         """Elementwise ops with broadcasting: operands vote with their channel axis, aligned to the right, when
@@ -361,7 +170,7 @@ class _Analysis:
         transpose, Linear over the tokens, transpose back): the operand the other is computed from. Searched
         only when operands disagree, which is rare, so the analysis stays linear on ordinary graphs."""
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        if _base(node) not in ADD_OPS or len(operands) != 2:
+        if op_name(node) not in ADD_OPS or len(operands) != 2:
             return None
         a, b = operands
         if node_shape(a) != node_shape(b):
@@ -373,16 +182,8 @@ class _Analysis:
         if self.order is None:
             self.order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         start = self.order[source]
-        stack, seen = list(node.all_input_nodes), set()
-        while stack:
-            n = stack.pop()
-            if n is source:
-                return True
-            if n in seen or self.order.get(n, -1) < start:
-                continue
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-        return False
+        back = lambda n: n.all_input_nodes if self.order.get(n, -1) >= start else ()  # noqa: E731
+        return any(n is source for n in walk(node.all_input_nodes, back))
 
     def matmul(self, node: fx.Node) -> Layout:
         """a @ W (a weight): the last dim. a @ b (two activations): the output's last axis is b's last, its
@@ -393,7 +194,7 @@ class _Analysis:
             return UNKNOWN
         a, b = tensors
         if self.fact(b).const:
-            return Layout(len(shape) - 1, f"{_base(node)} {node.name} by a weight")
+            return Layout(len(shape) - 1, f"{op_name(node)} {node.name} by a weight")
         votes = {}
         fa, fb = self.fact(a), self.fact(b)
         sa, sb = node_shape(a), node_shape(b)
@@ -409,13 +210,13 @@ class _Analysis:
             return UNKNOWN
         shape, src_shape = node_shape(node), node_shape(src)
         if src_shape is None:  # a tuple: pieces of a split keep the axes; output 0 of a native norm or MHA
-            if _base(src) in SPLIT_OPS and src.args and isinstance(src.args[0], fx.Node):
+            if op_name(src) in SPLIT_OPS and src.args and isinstance(src.args[0], fx.Node):
                 return self.fact(src.args[0])
             side = producer(self.gm, src)
             if side is not None and index == 0 and shape is not None:
                 return Layout((1 if len(shape) > 1 else 0) if side == "first" else len(shape) - 1,
                               f"{self.fact(src).origin}[0]" if self.fact(src).dim is not None else
-                              f"{type(submodule_of(self.gm, src)).__name__ if src.op == 'call_module' else _base(src)}[0]")
+                              f"{type(submodule_of(self.gm, src)).__name__ if src.op == 'call_module' else op_name(src)}[0]")
             return UNKNOWN
         fact = self.fact(src)
         if fact.dim is None or shape is None:
@@ -511,12 +312,16 @@ class _Analysis:
         d = facts[0].dim
         return facts[0].moved(d if d < k else d + 1, "stack")
 
-    def reduce(self, node: fx.Node) -> Layout:
-        src = next(a for a in node.args if isinstance(a, fx.Node))
+    def reduce(self, node: fx.Node) -> Optional[Layout]:
+        """A reduction of one tensor (None otherwise: the elementwise rules decide)."""
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(tensors) != 1:
+            return None
+        src = tensors[0]
         fact, shape, src_shape = self.fact(src), node_shape(node), node_shape(src)
         if fact.dim is None or shape is None or src_shape is None:
             return fact.plain("reduction") if fact.dim is None else UNKNOWN
-        dims = _ints(self._dim_arg(node, None))
+        dims = int_list(self._dim_arg(node, None))
         if dims is None:
             return fact.moved(None, "reduction")
         dims = {d % len(src_shape) for d in dims}
@@ -529,13 +334,13 @@ class _Analysis:
 
 def _permutation(node: fx.Node, ndim: int) -> Optional[List[int]]:
     """The source axis of each output axis of a permute, transpose, t or movedim call (None: unreadable)."""
-    name = _base(node)
+    name = op_name(node)
     rest = list(node.args[1:]) or list(node.kwargs.values())
     if name == "permute":
-        dims = _ints(list(rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest))
+        dims = int_list(list(rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest))
         return [d % ndim for d in dims] if dims is not None and len(dims) == ndim else None
     if name in ("movedim", "moveaxis"):
-        srcs, dsts = _ints(rest[0]) if rest else None, _ints(rest[1]) if len(rest) > 1 else None
+        srcs, dsts = int_list(rest[0]) if rest else None, int_list(rest[1]) if len(rest) > 1 else None
         if srcs is None or dsts is None:
             return None
         srcs, dsts = [d % ndim for d in srcs], [d % ndim for d in dsts]
@@ -544,7 +349,7 @@ def _permutation(node: fx.Node, ndim: int) -> Optional[List[int]]:
             order[d] = s
         left = iter(d for d in range(ndim) if d not in srcs)
         return [o if o is not None else next(left) for o in order]
-    pair = [0, 1] if name == "t" else _ints(rest[:2])
+    pair = [0, 1] if name == "t" else int_list(rest[:2])
     if pair is None or len(pair) != 2:
         return None
     order = list(range(ndim))
@@ -570,6 +375,20 @@ def _at(item: Tuple[int, Layout]) -> Layout:
     return fact if fact.dim == dim else dataclasses.replace(fact, dim=dim)
 
 
+def _table(*rules: Tuple[Sequence[str], Callable]) -> Dict[str, Callable]:
+    table: Dict[str, Callable] = {}
+    for names, rule in rules:
+        for name in names:
+            assert name not in table, f"op {name!r} has two layout rules"
+            table[name] = rule
+    return table
+
+
+# op name -> rule (a rule answering None leaves the node to the elementwise rules)
+RULES = _table((MATMUL_OPS, _Analysis.matmul), (RESHAPE_OPS, _Analysis.reshape), (PERMUTE_OPS, _Analysis.permute),
+               (CAT_OPS, _Analysis.cat), (("stack",), _Analysis.stack), (REDUCE_OPS, _Analysis.reduce))
+
+
 def analyze(gm: fx.GraphModule) -> None:
     """Annotate every node of `gm` with its Layout (node.meta[LAYOUT_META]); one pass, linear in the graph."""
     _Analysis(gm).run()
@@ -584,145 +403,3 @@ def layout_of(gm: fx.GraphModule, node: fx.Node) -> Layout:
     return fact
 
 
-# ---- site decisions ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Decision:
-    """A site's channel axis: `default` marks an axis nothing decided (the rank default); `problem` says what
-    a warning must report (a default, or an axis that contradicts a declared channel count)."""
-
-    dim: int
-    rule: str
-    default: bool = False
-    problem: Optional[str] = None
-    split: Tuple[int, ...] = ()  # the channels span these axes: the splice views them as one last axis (dim -1)
-
-
-def rank_default(ndim: int) -> int:
-    if ndim <= 1:
-        return 0
-    return ndim - 1 if ndim == 3 else 1
-
-
-def _back_to_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """Step back over single-input pass-through ops (dropout, identity, activations) to the producing node."""
-    seen = set()
-    while node not in seen and _is_pass(gm, node) and len(node.all_input_nodes) == 1:
-        seen.add(node)
-        node = node.all_input_nodes[0]
-    return node
-
-
-def _forward_consumers(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> List[fx.Node]:
-    out, stack, seen = [], list(nodes), set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if _is_pass(gm, n) and len(n.all_input_nodes) == 1:
-            stack.extend(n.users)
-        else:
-            out.append(n)
-    return out
-
-
-def declared_counts(gm: fx.GraphModule, source: fx.Node, consumers: Sequence[fx.Node] = ()) -> List[Tuple[int, str]]:
-    """Channel counts fixed by parameters: the producer's outputs, the consumers' inputs."""
-    found = []
-    out = declared_out(gm, _back_to_module(gm, source))
-    if out is not None:
-        found.append(out)
-    for c in _forward_consumers(gm, list(consumers) or list(source.users)):
-        inp = declared_in(gm, c)
-        if inp is not None:
-            found.append(inp)
-    return found
-
-
-def _by_count(shape: Sequence[int], counts: List[Tuple[int, str]]) -> Optional[Tuple[int, str]]:
-    """The axis fixed by declared counts: the counts agree, and exactly one non-batch axis has that size."""
-    sizes = {c for c, _ in counts}
-    if len(sizes) != 1:
-        return None
-    size = sizes.pop()
-    axes = [d for d in range(1 if len(shape) > 1 else 0, len(shape)) if shape[d] == size]
-    if len(axes) != 1:
-        return None
-    return axes[0], f"size matches {counts[0][1]}"
-
-
-def decide(gm: fx.GraphModule, source: fx.Node, shape: Sequence[int], *, consumers: Sequence[fx.Node] = (),
-           hint: Optional[Tuple[int, str]] = None, override: Optional[Tuple[int, str]] = None) -> Decision:
-    """The channel axis of the site reading `source` (see the module docstring for the order of evidence)."""
-    ndim = len(shape)
-    if override is not None:
-        return Decision(override[0] % ndim, override[1])
-    fact = layout_of(gm, source)
-    counts = declared_counts(gm, source, consumers)
-    if fact.dim is not None or hint is not None:
-        dim, rule = (fact.dim, fact.rule) if fact.dim is not None else hint
-        out = declared_out(gm, _back_to_module(gm, source))
-        if out is not None and shape[dim] != out[0] and out[0] in shape[1:]:
-            return Decision(dim, rule, problem=f"axis {dim} (size {shape[dim]}, from {rule}) contradicts {out[1]}")
-        return Decision(dim, rule)
-    if fact.split:
-        axes = ", ".join(map(str, fact.split))
-        return Decision(-1, f"{fact.rule}: channels on axes ({axes}), viewed as one last axis", split=fact.split)
-    found = _by_count(shape, counts)
-    if found is not None:
-        return Decision(*found)
-    if ndim <= 2:
-        return Decision(ndim - 1, "the only non-batch axis")
-    dim = rank_default(ndim)
-    return Decision(dim, f"rank-{ndim} default", default=True,
-                    problem=f"no rule decides the channel axis ({fact.rule}); used the rank-{ndim} default dim {dim}")
-
-
-def _declares(mod: nn.Module, name: str) -> Optional[Tuple[int, str]]:
-    for attr in ("num_features", "out_channels", "out_features", "num_channels"):
-        value = getattr(mod, attr, None)
-        if isinstance(value, int):
-            return value, f"{type(mod).__name__} {name}.{attr}={value}"
-    return None
-
-
-def decide_inner(leaf: nn.Module, inner_path: str, shape: Sequence[int], what: str) -> Decision:
-    """The channel axis of a site inside an opaque leaf, from declared channel counts: the module holding the
-    activation (timm's BatchNormAct2d: num_features), else the nearest sibling registered before it."""
-    parent_path, _, act_name = inner_path.rpartition(".")
-    parent = leaf.get_submodule(parent_path) if parent_path else leaf
-    candidates = [_declares(parent, parent_path or type(leaf).__name__)]
-    before = []
-    for name, mod in parent.named_children():
-        if name == act_name:
-            break
-        before.append(_declares(mod, f"{parent_path}.{name}" if parent_path else name))
-    candidates.extend(reversed(before))
-    for count in candidates:
-        found = _by_count(shape, [count]) if count is not None else None
-        if found is not None:
-            return Decision(found[0], f"{what}: {found[1]}")
-    ndim = len(shape)
-    if ndim <= 2:
-        return Decision(ndim - 1, f"{what}: the only non-batch axis")
-    dim = rank_default(ndim)
-    return Decision(dim, f"{what}: rank-{ndim} default", default=True,
-                    problem=f"inside an opaque module no declared channel count decides the axis; used dim {dim}")
-
-
-def overrides(channel_dims: Optional[Mapping[str, int]], sites: Sequence) -> Dict[str, Tuple[int, str]]:
-    """{site name: (dim, rule)} for the sites a `channel_dims` glob matches (site name or module path);
-    a glob that matches no site, or a dim that is not an int, is an error."""
-    if not channel_dims:
-        return {}
-    out: Dict[str, Tuple[int, str]] = {}
-    for pattern, dim in channel_dims.items():
-        if not isinstance(dim, int) or isinstance(dim, bool):
-            raise SelectionError(f"channel_dims[{pattern!r}] must be an int axis, got {dim!r}")
-        hits = [s for s in sites if fnmatch.fnmatchcase(s.name, pattern) or fnmatch.fnmatchcase(s.module_path, pattern)]
-        if not hits:
-            raise SelectionError(f"channel_dims pattern {pattern!r} matches no site; site names are "
-                                 f"{[s.name for s in sites][:10]}")
-        for s in hits:
-            out.setdefault(s.name, (dim, f"channel_dims[{pattern!r}]"))
-    return out

@@ -20,6 +20,7 @@ from fxsparse._meta import ACTIVATION_MODULE_META, PATH_META
 from fxsparse.util import free_name, scoped
 from fxsparse.errors import SelectionError
 from fxsparse.passes.composites import find_composites
+from fxsparse.passes.vocabulary import target_name
 from fxsparse.passes.kinds import (ActivationKind, activation_module_classes, get_kind, kind_of_aten,
                                    kind_of_function, kind_of_method, kind_of_module)
 
@@ -87,7 +88,7 @@ class Site:
 
 
 def _bound_inplace(fn, node: fx.Node) -> bool:
-    if _short_name(fn) != (getattr(getattr(fn, "overloadpacket", None), "__name__", None)
+    if target_name(fn, strip=True) != (getattr(getattr(fn, "overloadpacket", None), "__name__", None)
                            or getattr(fn, "__name__", "")):
         return True  # the name lost a trailing underscore: relu_, aten.silu_, ...
     if node.kwargs.get("inplace") is True:
@@ -97,15 +98,6 @@ def _bound_inplace(fn, node: fx.Node) -> bool:
     except (TypeError, ValueError):
         return False
     return bound.arguments.get("inplace") is True
-
-
-def _short_name(target) -> str:
-    packet = getattr(target, "overloadpacket", None)
-    if packet is not None:
-        name = packet.__name__
-    else:
-        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-    return name.rstrip("_") or name
 
 
 def scoped_name(node: fx.Node, leaf_name: str) -> str:
@@ -145,12 +137,12 @@ def _raw_sites(gm: fx.GraphModule):
                 if node.meta.get(ACTIVATION_MODULE_META):  # export graph: the op of an activation module
                     path = node.meta.get(PATH_META, "")
                 else:
-                    path = scoped_name(node, _short_name(node.target))
+                    path = scoped_name(node, target_name(node.target, strip=True) or str(node.target))
                 yield path, kind, node, _bound_inplace(node.target, node), None, None
         elif node.op == "call_method":
             kind = kind_of_method(node.target)
             if kind is not None:
-                yield scoped_name(node, _short_name(node.target)), kind, node, node.target.endswith("_"), None, None
+                yield scoped_name(node, target_name(node.target, strip=True)), kind, node, node.target.endswith("_"), None, None
 
 
 def _skip_nested(raw):

@@ -35,11 +35,12 @@ from torch import fx, nn
 from fxsparse._meta import PATH_META
 from fxsparse.util import free_name, submodule_of
 from fxsparse.errors import SelectionError
-from fxsparse.passes.composites import op_name
 from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
-from fxsparse.passes.layout import ADD_OPS, is_norm, layout_of
+from fxsparse.passes.graph import is_norm, walk
+from fxsparse.passes.layout import layout_of
 from fxsparse.passes.locate import Site, as_selection, locate, scoped_name
 from fxsparse.passes.shapes import node_shape
+from fxsparse.passes.vocabulary import ADD_OPS, SCORE_STEP_OPS, SOFTMAX_OPS, op_name
 
 PRESETS: Dict[str, Tuple[str, ...]] = {
     "wrn": ("norm_activations", "residual"),
@@ -65,14 +66,7 @@ def _through_identities(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 
 def _ancestors(node: fx.Node) -> Set[fx.Node]:
-    seen: Set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+    return set(walk(node.all_input_nodes, lambda n: n.all_input_nodes))
 
 
 def _inside(node: fx.Node, scope: str) -> bool:
@@ -84,20 +78,15 @@ def _walk_back(start: fx.Node, step: Callable[[fx.Node], Union[bool, List[fx.Nod
     """Search back from `start`. For each node reached, `step` answers True (a stop: collected, not passed),
     False (give up: None is returned) or the inputs to go on through. Returns the stops."""
     stops: Set[fx.Node] = set()
-    seen: Set[fx.Node] = set()
-    stack = [start]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    through: Dict[fx.Node, List[fx.Node]] = {}
+    for n in walk([start], lambda n: through.pop(n, ())):
         answer = step(n)
         if answer is True:
             stops.add(n)
         elif answer is False:
             return None
         else:
-            stack.extend(answer)
+            through[n] = answer
     return stops
 
 
@@ -160,30 +149,19 @@ def residual_joins(gm: fx.GraphModule) -> List[Join]:
     return joins
 
 
-_SCORE_STEPS = {"add", "add_", "iadd", "sub", "mul", "mul_", "truediv", "div", "masked_fill", "masked_fill_",
-                "reshape", "view", "permute", "transpose", "unsqueeze", "expand", "contiguous", "flatten", "float",
-                "to", "_to_copy", "_unsafe_view", "clone"}
-_SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
-
-
 def _attention_scores(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether every use of `node` reaches a softmax through elementwise arithmetic and view ops only: the sum
     is a score (attention logits plus a relative-position bias), a tensor with no channel axis, not a feature
     stream."""
-    stack, seen, found = list(node.users), set(), False
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    def step(n: fx.Node) -> bool:
+        return submodule_of(gm, n) is None and op_name(n) in SCORE_STEP_OPS
+
+    found = False
+    for n in walk(node.users, lambda n: n.users if step(n) else ()):
         mod = submodule_of(gm, n)
-        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) or mod is None and op_name(n) in _SOFTMAX:
+        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) or mod is None and op_name(n) in SOFTMAX_OPS:
             found = True
-        elif mod is None and n.op in ("call_function", "call_method") and op_name(n) in _SCORE_STEPS:
-            if not n.users:
-                return False
-            stack.extend(n.users)
-        else:
+        elif not step(n) or not n.users:
             return False
     return found
 

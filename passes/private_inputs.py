@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxsparse.passes.vocabulary import FRESH_ATEN_OPS, FRESH_METHODS
+
 _FRESH_MODULE_FORWARDS = {cls.forward for cls in (
     nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
     nn.ConvTranspose3d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)}
@@ -30,15 +32,9 @@ _FRESH_FUNCTIONS = {
     operator.truediv, operator.matmul,
 }
 
-_FRESH_METHODS = {"add", "sub", "mul", "div", "matmul", "mm", "bmm"}
-
-_FRESH_ATEN = {"linear", "addmm", "mm", "bmm", "baddbmm", "convolution", "conv1d", "conv2d", "conv3d", "add",
-               "sub", "mul", "div"}
-
-
 def _fresh_aten(target) -> bool:
     packet = getattr(target, "overloadpacket", None)
-    return (isinstance(packet, torch._ops.OpOverloadPacket) and packet.__name__ in _FRESH_ATEN
+    return (isinstance(packet, torch._ops.OpOverloadPacket) and packet.__name__ in FRESH_ATEN_OPS
             and packet.__module__.endswith("aten"))
 
 
@@ -54,6 +50,6 @@ def producer_hooks(gm: fx.GraphModule, value: fx.Node, reader: fx.Node) -> Optio
         return (module._forward_hooks,)
     if value.op == "call_function" and (value.target in _FRESH_FUNCTIONS or _fresh_aten(value.target)):
         return ()
-    if value.op == "call_method" and value.target in _FRESH_METHODS:
+    if value.op == "call_method" and value.target in FRESH_METHODS:
         return ()
     return None

@@ -24,10 +24,10 @@ from fxsparse.util import model_state
 from fxsparse._meta import INNER_META, PATH_META, SHAPE_META, SITE_META
 from fxsparse.errors import FxsparseValueError, LayoutWarning
 from fxsparse.ops import MeanSparse
-from fxsparse.passes.layout import Decision, decide, decide_inner, overrides, rank_default
 from fxsparse.passes.private_inputs import producer_hooks
 from fxsparse.passes.locate import Site
 from fxsparse.passes.shapes import node_shape
+from fxsparse.passes.sites import Decision, decide, decide_inner, overrides, rank_default
 
 
 class ApplyBefore:
@@ -65,24 +65,6 @@ def _make_op(site: Site, shape, decision: Decision, device) -> MeanSparse:
     op.axis_default = decision.default  # the audit flags it; LayoutWarning has said so
     op.policy = site.policy
     return op
-
-
-def decide_site(gm: fx.GraphModule, site: Site, override=None) -> Decision:
-    """The channel axis the operator of `site` will get (passes/layout.py), without splicing it."""
-    if site.inner is not None:
-        shape = site.node.meta.get(INNER_META, {}).get(site.inner)
-        if shape is None:
-            raise FxsparseValueError(f"the activation {site.inner!r} inside {site.node.target!r} did not run during "
-                                "shape propagation; pass example_inputs that exercise it, or exclude the site")
-        if override is not None:
-            return Decision(override[0] % len(shape), override[1])
-        return decide_inner(gm.get_submodule(site.node.target), site.inner, shape,
-                            f"inside {type(gm.get_submodule(site.node.target)).__name__}")
-    inp = site.source if site.source is not None else _activation_input(site.node)
-    shape = node_shape(inp)
-    if shape is None:
-        raise FxsparseValueError(f"no shape recorded for the input of site {site.name}; run shape propagation first")
-    return decide(gm, inp, shape, consumers=site.consumers or [site.node], hint=site.axis, override=override)
 
 
 def _splice_graph_site(gm: fx.GraphModule, site: Site, device, override) -> Decision:

@@ -221,9 +221,10 @@ def test_a_wrong_channel_count_prints_nothing_before_the_one_error(capfd):
 
 def test_debug_flag_lets_torch_output_through(capfd, monkeypatch):
     monkeypatch.setenv("FXSPARSE_DEBUG", "1")
-    from fxsparse.capture import debugging, quiet
+    from fxsparse import config
+    from fxsparse.capture import quiet
 
-    assert debugging()
+    assert config.is_debug()
     with quiet():
         print("seen")
     assert "seen" in capfd.readouterr().out
@@ -286,7 +287,7 @@ def test_exported_graphs_take_other_sizes_where_the_model_allows():
 def test_dynamic_height_and_width_over_the_time_budget_are_given_up_and_said(monkeypatch):
     """MobileViTv2 made export spend minutes on symbolic height and width: past the budget capture exports
     with a dynamic batch only, records why, and a refused size names it."""
-    monkeypatch.setattr(sys.modules["fxsparse.capture"], "SPATIAL_EXPORT_BUDGET_S", 1e-6)
+    monkeypatch.setenv("FXSPARSE_SPATIAL_EXPORT_BUDGET", "1e-6")  # read at call time (fxsparse/config.py)
     model = AnySize().eval()
     gm = fxsparse.prepare(model, torch.randn(2, 3, 8, 8))
     report = gm.meta["fxsparse_capture"]

@@ -1,4 +1,5 @@
 """The layout analysis (passes/layout.py): one forward pass, exact facts, no silent defaults; and selection."""
+import copy
 import warnings
 
 import pytest
@@ -338,14 +339,16 @@ def test_timm_models_whose_sums_once_needed_a_default(name, joins):
     with torch.device("meta"):
         model = timm.create_model(name).eval()
     x = torch.empty(2, 3, *model.pretrained_cfg["input_size"][1:], device="meta")
-    gm = fxsparse.capture(model, (x,))
-    from fxsparse.passes.splice import decide_site
-
+    captured = fxsparse.capture(model, (x,))
     for policy in ("residual", "residual_branch"):
+        gm = copy.deepcopy(captured)
         sites = fxsparse.place(gm, None, policy)
-        decisions = [decide_site(gm, s) for s in sites]
-        assert len(sites) == joins
-        assert not any(d.default for d in decisions), [(s.name, d.rule) for s, d in zip(sites, decisions)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fxsparse.LayoutWarning)
+            fxsparse.splice(gm, sites)  # the axes splice itself decides
+        ops = [m for m in gm.modules() if isinstance(m, fxsparse.MeanSparse)]
+        assert len(sites) == joins == len(ops)
+        assert not any(op.axis_default for op in ops), [(op.site, op.axis_rule) for op in ops]
         assert not any("self_attn" in s.name for s in sites)
 
 

@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Layers, lowest first: a module may import its own layer and the layers below, never a layer above.
 LAYERS = [
-    ("base", {"fxsparse._meta", "fxsparse._version", "fxsparse.errors", "fxsparse.util", "fxsparse.ops"}),
+    ("base", {"fxsparse._meta", "fxsparse._version", "fxsparse.errors", "fxsparse.config", "fxsparse.util",
+              "fxsparse.ops"}),
     ("passes", {"fxsparse.passes"}),
     ("pipeline", {"fxsparse"}),  # every other top-level module of fxsparse
     ("evaluation and compile", {"fxsparse.robust", "fxsparse.compile"}),
@@ -148,3 +149,10 @@ def test_the_wheel_holds_every_module_and_they_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ""}, cwd=str(tmp_path))
     assert int(out.stdout.strip()) == len(modules)
+
+
+def test_the_environment_is_read_in_config_only():
+    """Every FXSPARSE_* variable is read by fxsparse/config.py, at call time (timm's layers/config.py style)."""
+    reads = re.compile(r"""(environ|getenv)\W[^\n]*FXSPARSE_""")
+    offenders = [m for m, p in _modules().items() if m != "fxsparse.config" and reads.search(p.read_text())]
+    assert not offenders, offenders

@@ -29,7 +29,6 @@ import inspect
 import io
 import logging
 import operator
-import os
 import sys
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -37,6 +36,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import fx, nn
 
+from fxsparse.config import is_debug, spatial_export_budget
 from fxsparse.util import first_line
 from fxsparse._meta import ACTIVATION_MODULE_META, CAPTURE_META, PATH_META, SHAPES_META
 from fxsparse.errors import CaptureError, FxsparseValueError
@@ -291,18 +291,13 @@ _NOISY_LOGGERS = ("torch", "torch.fx", "torch.fx.experimental.symbolic_shapes", 
                   "torch._dynamo", "torch._subclasses", "torch._functorch", "torch._guards")
 
 
-def debugging() -> bool:
-    """FXSPARSE_DEBUG=1: let torch's own logs, prints and warnings through during capture."""
-    return os.environ.get("FXSPARSE_DEBUG", "").strip() not in ("", "0", "false", "no")
-
-
 @contextlib.contextmanager
 def quiet():
     """Capture attempts that fail (and fall back) print tracebacks (ShapeProp), log guards and dump graphs
     (export): keep all of it out of the user's terminal; the buffer holds what was printed. Our own error says
     what went wrong (its __cause__ has torch's); FXSPARSE_DEBUG=1 shows everything."""
     buffer = io.StringIO()
-    if debugging():
+    if is_debug():
         yield buffer
         return
     loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
@@ -349,12 +344,6 @@ def _dynamic_shapes(model: nn.Module, call: Call, dims: str):
     return {**dict(zip(names, args)), **{k: tree(v) for k, v in call.kwargs.items()}}
 
 
-# Making height and width symbolic can cost export minutes of sympy simplification (timm's MobileViTv2: 1.5 s
-# with a dynamic batch, over 500 s with dynamic height and width too); past this many seconds capture gives up
-# the dynamic spatial sizes, says so in the CaptureReport, and exports with a dynamic batch only.
-SPATIAL_EXPORT_BUDGET_S = float(os.environ.get("FXSPARSE_SPATIAL_EXPORT_BUDGET", "20"))
-
-
 class _Overtime(Exception):
     pass
 
@@ -399,13 +388,17 @@ def _export(model: nn.Module, call: Call) -> fx.GraphModule:
         shapes = _dynamic_shapes(model, call, dims)
         if dims != "spatial":
             return export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+        # Making height and width symbolic can cost export minutes of sympy simplification (timm's MobileViTv2:
+        # 1.5 s with a dynamic batch, over 500 s with dynamic height and width too); past the budget
+        # (config.spatial_export_budget) capture exports with a dynamic batch only and says so in its report.
+        budget = spatial_export_budget()
         try:
-            with _time_limit(SPATIAL_EXPORT_BUDGET_S):
+            with _time_limit(budget):
                 return export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
         except _Overtime:
             notes["dynamic_shapes"] = (
                 f"height and width fixed at the example's: making them dynamic took export over "
-                f"{SPATIAL_EXPORT_BUDGET_S:g} s (FXSPARSE_SPATIAL_EXPORT_BUDGET sets the budget); the batch stays "
+                f"{budget:g} s (FXSPARSE_SPATIAL_EXPORT_BUDGET sets the budget); the batch stays "
                 "dynamic")
             raise
 

@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fxsparse._meta import CAPTURE_META
 from fxsparse.ops import MeanSparse
 from fxsparse.passes.kinds import activation_kinds
+from fxsparse.passes.vocabulary import bare
 
 aten = torch.ops.aten
 
@@ -82,7 +83,7 @@ class ActivationRecorder(TorchDispatchMode):
             self.origin[id(out)] = (name, x, scalar)
 
     def _composite(self, packet, args, out) -> None:
-        name = packet.__name__.rstrip("_")
+        name = bare(packet.__name__)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if name in ("sigmoid", "tanh", "softplus", "erf") and tensors:
             self._note(out, name, tensors[0])

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
+from fxsparse.config import cache_dir as _cache_dir
 from fxsparse.robust.attacks import pgd
 from fxsparse.robust.compare import label
 from fxsparse.robust.search import DEFAULT_ALPHAS, default_attack
@@ -111,7 +112,7 @@ def train_pgd_at(splits, config=CONFIG, log=print, model: Optional[nn.Module] = 
 
 
 def cache_dir() -> str:
-    return os.environ.get("FXSPARSE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fxsparse"))
+    return _cache_dir()
 
 
 def trained_model(splits, config=CONFIG, retrain: bool = False, log=print) -> nn.Module:
