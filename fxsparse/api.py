@@ -25,6 +25,7 @@ from fxsparse._meta import PREPARE_META, SITE_META
 from fxsparse.calibrate import calibrate
 from fxsparse.capture import capture as capture_model
 from fxsparse.capture import copy_model
+from fxsparse.passes.layout import analyze as analyze_layout
 from fxsparse.operators import set_alpha
 from fxsparse.errors import (CalibrationError, CaptureError, FxsparseTypeError, FxsparseValueError,
                              NoActivationWarning)
@@ -97,6 +98,7 @@ def _prepare_graph(model: nn.Module, call: Call, select, capture: str, placement
                    stacklevel: int = 3
                    ) -> fx.GraphModule:
     gm = capture_model(model, call, capture)  # graph + shapes, checked by running it on fake inputs
+    analyze_layout(gm)  # every tensor's channel axis (passes/layout.py), before placement reads it
     sites = place(gm, select, placement)
     gm = splice(gm, sites, channel_dims)
     gm.meta[PREPARE_META] = prepare_record(select, call, capture, model)  # what fxsparse.load needs to redo this

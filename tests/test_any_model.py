@@ -367,8 +367,8 @@ def test_the_export_time_limit_stops_its_body_and_keeps_an_outer_timer():
     import signal
     import time
 
-    limit = sys.modules["fxsparse.capture"]._time_limit
-    overtime = sys.modules["fxsparse.capture"]._Overtime
+    limit = sys.modules["fxsparse.capture.export"]._time_limit
+    overtime = sys.modules["fxsparse.capture.export"]._Overtime
     outer = lambda signum, frame: None  # noqa: E731
     previous = signal.signal(signal.SIGALRM, outer)
     signal.setitimer(signal.ITIMER_REAL, 100)

@@ -37,11 +37,12 @@ import torch
 from torch import fx, nn
 
 from fxsparse.calibrate.stats import ChannelStats
+from fxsparse.capture.export import annotate_module_paths
 from fxsparse.util import free_name
 from fxsparse.errors import BackendError, CalibrationError, FxsparseError, SelectionError
 from fxsparse.ops import MeanSparse, mean_sparse, meansparse_ops
 from fxsparse.passes.kinds import kind_of_module_class
-from fxsparse._meta import ACTIVATION_MODULE_META, PATH_META, SHAPE_META
+from fxsparse._meta import SHAPE_META
 from fxsparse.passes.locate import Selection, as_selection, locate
 from fxsparse.passes.splice import splice
 
@@ -80,15 +81,9 @@ def module_path(dynamo_path: str) -> str:
 
 def _annotate(gm: fx.GraphModule) -> None:
     """Module paths and shapes on every node, as capture and shape propagation leave them."""
+    annotate_module_paths(gm, lambda node, path, cls: isinstance(cls, type) and kind_of_module_class(cls) is not None,
+                          module_path)
     for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        path, cls = "", None
-        if stack:
-            raw, cls = list(stack.values())[-1]
-            path = module_path(raw)
-        node.meta[PATH_META] = path
-        if isinstance(cls, type) and kind_of_module_class(cls) is not None:
-            node.meta[ACTIVATION_MODULE_META] = True
         value = node.meta.get("example_value", node.meta.get("val"))
         if isinstance(value, torch.Tensor):
             node.meta[SHAPE_META] = tuple(int(s) for s in value.shape)
