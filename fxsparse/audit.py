@@ -56,10 +56,10 @@ def _record(op: MeanSparse) -> SiteRecord:
         mean_min=summary(mean.min()), mean_max=summary(mean.max()),
         std_min=summary(std.min()), std_mean=summary(std.mean()), std_max=summary(std.max()),
         replaced=replaced_fraction(op) if cal else None,
-        replaced_estimated=bool(cal and op.zscore_counts is not None and getattr(op, "zscore_estimated", False)),
-        policy=getattr(op, "policy", "activations"),
-        private_input=getattr(op, "private_input", False),
-        axis_default=getattr(op, "axis_default", False),
+        replaced_estimated=bool(cal and op.zscore_counts is not None and op.zscore_estimated),
+        policy=op.policy,
+        private_input=op.private_input,
+        axis_default=op.axis_default,
     )
 
 

@@ -104,14 +104,6 @@ def as_call(example_inputs) -> Call:
         f"tensors; got {type(example_inputs).__name__}")
 
 
-def as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
-    """The positional tensors of `example_inputs` (kept for callers that take plain tensors only)."""
-    call = as_call(example_inputs)
-    if call.kwargs or not all(isinstance(a, torch.Tensor) for a in call.args):
-        raise FxsparseValueError("these example_inputs hold keyword or nested arguments; this call takes tensors only")
-    return call.args
-
-
 # -- the record prepare keeps (JSON), and a call rebuilt from it -------------------------------------------
 def _tree(value, leaves: List[torch.Tensor]):
     if isinstance(value, torch.Tensor):
@@ -149,9 +141,7 @@ def _untree(node, leaves):
 
 def call_from_record(record: Mapping[str, Any], leaves: Sequence[torch.Tensor]) -> Call:
     """The call a record describes, with `leaves` (tensors of the recorded shapes) in it."""
-    tree = record.get("input_tree")
-    if tree is None:  # files from before nested inputs: positional tensors
-        return Call(tuple(leaves))
+    tree = record["input_tree"]
     return Call(tuple(_untree(a, leaves) for a in tree["args"]),
                 {k: _untree(v, leaves) for k, v in tree["kwargs"].items()})
 

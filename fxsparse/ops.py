@@ -245,13 +245,6 @@ class MeanSparse(nn.Module):
     splice pass and read by the audit; they are plain attributes, not state.
     """
 
-    # Set by the splice pass when the input is a fresh tensor that only this operator reads
-    # (passes/private_inputs.py); reported by the audit, never used to overwrite the input. Class-level defaults, so
-    # that operators pickled before these existed still load.
-    private_input: bool = False
-    producer_hooks: Tuple[dict, ...] = ()
-    zscore_estimated: bool = False  # the replaced-fraction histogram is a one-pass estimate (calibrate)
-
     def __init__(self, channels: int, dim: int = 1, *, inplace: bool = False):
         super().__init__()
         if channels < 1:
@@ -273,6 +266,13 @@ class MeanSparse(nn.Module):
         self.kind = ""
         self.node = ""
         self.axis_rule = ""
+        self.axis_default = False  # the axis is the rank default: no rule decided it
+        self.policy = "activations"  # the placement policy that chose the site
+        # Set by the splice pass when the input is a fresh tensor that only this operator reads
+        # (passes/private_inputs.py); reported by the audit, never used to overwrite the input.
+        self.private_input = False
+        self.producer_hooks: Tuple[dict, ...] = ()
+        self.zscore_estimated = False  # the replaced-fraction histogram is a one-pass estimate (calibrate)
         # Calibration-time histogram of |x - mean| / std, for the audit's replaced fractions.
         self.zscore_edges: Optional[torch.Tensor] = None
         self.zscore_counts: Optional[torch.Tensor] = None

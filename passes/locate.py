@@ -47,9 +47,6 @@ class Selection:
             return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
         return hit(self.include) and not hit(self.exclude)
 
-    def takes_path(self, name: str) -> bool:
-        return self.takes_site(name)
-
 
 def as_selection(select: Union[None, Selection, Mapping[str, Any], str, Iterable[str]]) -> Selection:
     """Accepts a Selection, a dict of its fields, one kind name, or a list of kind names."""

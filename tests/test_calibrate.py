@@ -6,7 +6,7 @@ from torch import nn
 
 import fxsparse
 from fxsparse.testing.data import CountingData
-from fxsparse.calibrate import batch_inputs
+from fxsparse.inputs import read_batch
 from fxsparse.calibrate.stats import ChannelStats
 
 
@@ -141,11 +141,12 @@ def test_calibration_errors_are_specific():
     assert issubclass(fxsparse.CalibrationError, fxsparse.FxsparseError)
 
 
-def test_batch_inputs_forms():
+def test_read_batch_forms():
+    """The one batch reader (fxsparse/inputs.py) calibration uses: a tensor, (input, target), {"input": x}."""
     t = torch.zeros(1)
-    assert batch_inputs(t)[0] is t
-    assert batch_inputs((t, 3))[0] is t
-    assert batch_inputs({"input": t})[0] is t
+    assert read_batch(t).args[0] is t
+    assert read_batch((t, 3)).args[0] is t
+    assert read_batch({"input": t}).args[0] is t
 
 
 @given(st.integers(1, 6), st.integers(1, 40), st.randoms(use_true_random=False))

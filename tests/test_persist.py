@@ -150,3 +150,22 @@ def test_decisions_survive_a_save_and_newer_formats_are_refused(tmp_path):
     write(path, tensors, dict(header, format_version=fxsparse.files.persist.FORMAT_VERSION + 1))
     with pytest.raises(fxsparse.PersistenceError, match="newer format"):
         fxsparse.load(Tokens(), path)
+
+
+def test_a_file_in_another_format_version_is_refused_clearly(tmp_path):
+    """One file format (the project was never released): any other version is refused, saying which."""
+    from fxsparse.files import persist, safefile
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+
+    path = tmp_path / "m.fxsparse"
+    fxsparse.save(fxsparse.prepare(model(), torch.randn(1, 3, 8, 8)), path)
+    tensors, header = safefile.read(path, "fxsparse file")
+    header.pop("sha256", None)
+    for version, hint in ((1, "format 1; .* save the model again"),
+                          (persist.FORMAT_VERSION + 1, f"newer format .{persist.FORMAT_VERSION + 1}.; upgrade")):
+        bad = tmp_path / f"v{version}.fxsparse"
+        safefile.write(bad, tensors, dict(header, format_version=version))
+        with pytest.raises(fxsparse.PersistenceError, match=hint):
+            fxsparse.load(model(), bad)

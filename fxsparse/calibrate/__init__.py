@@ -21,7 +21,7 @@ import collections.abc
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -37,11 +37,6 @@ from fxsparse.inputs import Call, find_record, read_batch
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.calibrate.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter, ZScoreSketch
 
-
-
-def batch_inputs(batch: Any) -> Tuple[torch.Tensor, ...]:
-    """The positional inputs of one batch read without a model's record (fxsparse.inputs.read_batch)."""
-    return read_batch(batch).args
 
 
 class ForwardLoop:

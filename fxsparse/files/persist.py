@@ -46,8 +46,8 @@ def _selection(saved: Mapping[str, Any]) -> Selection:
 
 def _site(op: MeanSparse) -> Dict[str, Any]:
     return {"site": op.site, "module_path": op.module_path, "kind": op.kind, "node": op.node, "dim": op.dim,
-            "channels": op.channels, "axis_rule": op.axis_rule, "axis_default": getattr(op, "axis_default", False),
-            "inplace": op.inplace, "policy": getattr(op, "policy", "activations")}
+            "channels": op.channels, "axis_rule": op.axis_rule, "axis_default": op.axis_default,
+            "inplace": op.inplace, "policy": op.policy}
 
 
 def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
@@ -143,12 +143,17 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
     tensors, header = read(path, "fxsparse file")
     if header.get("format") != FORMAT:
         raise PersistenceError(f"{path} holds {header.get('format')!r}, not a model saved by fxsparse.save")
-    if header.get("format_version", 0) > FORMAT_VERSION:
-        raise PersistenceError(f"{path} was written by fxsparse {header.get('fxsparse_version')} in a newer format "
-                               f"({header.get('format_version')}); upgrade fxsparse to read it")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:  # the project has never been released: one format, no older readers
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise PersistenceError(f"{path} was written by fxsparse {header.get('fxsparse_version')} in "
+                               + (f"a newer format ({version}); upgrade fxsparse to read it" if newer else
+                                  f"file format {version!r}; this fxsparse reads format {FORMAT_VERSION} only: save "
+                                  "the model again with this fxsparse"))
     try:
         record = header["prepare"]
         selection, inputs = _selection(record["select"]), _example_inputs(model, record, path)
+        call = call_from_record(record, inputs)
         saved_sites = {s["site"]: {field: s[field] for field in CHECKED_FIELDS} for s in header["sites"]}
     except (KeyError, TypeError, ValueError) as exc:
         raise PersistenceError(f"{path} has an incomplete header ({type(exc).__name__}: {exc}); write it again "
@@ -159,7 +164,6 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
         told = {"placement": record["placement"]} if record.get("placement") else {}
         if record.get("channel_dims"):
             told["channel_dims"] = {str(k): int(v) for k, v in record["channel_dims"].items()}
-        call = call_from_record(record, inputs)
         if record.get("submodule"):  # a part of the model: the part's recorded inputs, spliced into a copy
             gm = splice_part(copy_model(model), record["submodule"], call, record["model_inputs"],
                              selection, header.get("capture_path") or "auto", told.get("placement"),
