@@ -163,6 +163,7 @@ def from_meansparse(base_model: nn.Module, state_dict: Mapping[str, torch.Tensor
             op.mean.copy_(mean.reshape(-1))
             op.std.copy_(var.reshape(-1).clamp_min(0).sqrt())
             op.alpha.fill_(float(threshold))
+            op.refresh_bounds()
             op.count.fill_(1)  # calibrated (the element count behind their statistics is not in the file)
             op.source_key = prefix  # where the statistics came from, for the audit's reader
     return gm
