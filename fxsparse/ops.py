@@ -50,7 +50,9 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 def _band(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    return torch.where((x > lo) & (x < hi), mean, x)
+    # two selects rather than `where((x > lo) & (x < hi), ...)`: in an Inductor kernel that is 4 vector ops
+    # per element instead of 6 (no mask casts and no `and`); same result, NaN and alpha = 0 included
+    return torch.where(x > lo, torch.where(x < hi, mean, x), x)
 
 
 def _band_lean(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
