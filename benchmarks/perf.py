@@ -4,10 +4,12 @@
     python benchmarks/perf.py --parts infer --device cuda --dtype bfloat16 --size 224 --batches 1 32
 
 Parts:
-  targets   the four rows of issue 15, each against its target: the first eager call of a sparsified resnet18
-            in a fresh process with an empty Inductor cache (minus the original's), default calibrate() /
-            plain forwards (resnet18, batch 16, 64x64, 32 batches), compiled efficientnet_b0 sparsified /
-            original (batch 8, 128x128), eager sparsified / original (resnet18, batch 16, 64x64)
+  targets   every row of issue 23's table, each against its target: compiled efficientnet_b0 (b8, 128x128) and
+            resnet18 (b16, 64x64) sparsified / original, eager resnet18, default calibrate() / plain forwards
+            (32 batches), PGD-10 sparsified (as is, BPDA) / original, exact McNemar p (50,000 pairs, 8,000
+            discordant), and on CUDA the compiled bfloat16 b32 224x224 figures
+  cold      the first eager call of a sparsified resnet18 in a fresh process with an empty Inductor cache
+            (minus the original's; CPU only)
   pass      capture + locate + splice time against graph size over a spread of timm models (meta device)
   calib     calibration time / plain eval forward over the same batches: the default calibrate() (one pass,
             replaced fractions estimated in it), measure=False, and measure="exact" (a second pass)
@@ -137,7 +139,9 @@ def part_calib(args, device, dtype):
     print(f"| {t[0] * 1000:.1f} ms | " + " | ".join(f"{x * 1000:.1f} ms | {x / t[0]:.3f}" for x in t[1:]) + " |")
 
 
-TARGETS = {"cold": 1.0, "calibration": 1.25, "compiled": 1.03, "eager": 1.25}
+# issue 23's table: name -> target (ratios sparsified / original unless said otherwise)
+TARGETS = {"compiled_effnet": 1.03, "compiled_resnet": 1.02, "eager": 1.20, "calibration": 1.10, "pgd": 1.10,
+           "mcnemar": 0.010, "gpu": 1.03, "cold": 1.0}
 
 COLD = """
 import os, sys, time, torch, torchvision
@@ -168,48 +172,98 @@ def cold_first_call(args):
     return tuple(float(v) for v in out.split()[-2:])
 
 
-def part_targets(args, device, dtype):
-    """The four rows of issue 15, each ratio measured in one process, interleaved."""
-    import timm
+def _row(name, value, target, unit="x"):
+    """One line of the targets table, printed at once (a long run shows its rows as they come)."""
+    shown = {"x": f"{value:.3f}", "s": f"{value:+.2f} s", "ms": f"{value * 1000:.2f} ms"}[unit]
+    limit = {"x": f"{target:.2f}", "s": f"{target:.2f} s", "ms": f"{target * 1000:.0f} ms"}[unit]
+    print(f"| {name} | {shown} | <= {limit} | {'yes' if value <= target else 'no'} |", flush=True)
 
-    print(f"\n## Targets ({dtype}, alpha 0.2, {args.target_rounds} interleaved rounds)\n")
-    rows = []
-    if device.type == "cpu":
-        t0, t1 = cold_first_call(args)
-        rows.append((f"first eager call, fresh process, empty Inductor cache: sparsified - original "
-                     f"({t1:.2f} s - {t0:.2f} s)", t1 - t0, TARGETS["cold"], "s"))
-    model, data = resnet18_and_batches(args, device, dtype)
-    gm = fxsparse.sparsify(model, data[:1], alpha=0.2, progress=False)
-    fresh = fxsparse.prepare(model, data[0])
-    plain, calib = forward_and_calibration(model, fresh, data)
-    fns = [plain, calib]
-    for f in fns:
-        f()
-    t = interleaved(fns, device, max(3, args.target_rounds // 4), 1)
-    rows.append((f"default calibrate() / plain forwards (resnet18, b{args.calib_batch} {args.calib_size}x"
-                 f"{args.calib_size}, {len(data)} batches)", t[1] / t[0], TARGETS["calibration"], "x"))
-    torch.manual_seed(0)
-    effnet = timm.create_model("efficientnet_b0", pretrained=False).eval().to(device, dtype)
-    x = torch.randn(8, 3, 128, 128, device=device, dtype=dtype)
-    sparse = fxsparse.sparsify(effnet, [x], alpha=0.2, progress=False)
-    compiled = [torch.compile(effnet, mode=args.mode), torch.compile(sparse, mode=args.mode)]
+
+def _compiled_ratio(original, sparse, x, device, args):
+    compiled = [torch.compile(original, mode=args.mode), torch.compile(sparse, mode=args.mode)]
     fns = [forwards(c, [x]) for c in compiled]
     for f in fns * 3:
         f()
     t = interleaved(fns, device, args.target_rounds, 3)
-    rows.append(("compiled efficientnet_b0 sparsified / original (b8, 128x128)", t[1] / t[0], TARGETS["compiled"],
-                 "x"))
+    return t[1] / t[0]
+
+
+def _pgd_ratios(model, gm, x, device, args):
+    """PGD-10 (eager) on the sparsified model, as is and through straight-through gradients, / the original."""
+    from fxsparse.robust.attacks import pgd
+
+    y = torch.randint(0, 1000, (x.shape[0],), device=device)
+
+    def attack(m, bpda=False):
+        def f():
+            if bpda:
+                with fxsparse.straight_through(m):
+                    pgd(m, x, y, 8 / 255, steps=10)
+            else:
+                pgd(m, x, y, 8 / 255, steps=10)
+        return f
+
+    fns = [attack(model), attack(gm), attack(gm, bpda=True)]
+    for f in fns:
+        f()
+    t = interleaved(fns, device, max(3, args.target_rounds // 4), 1)
+    return t[1] / t[0], t[2] / t[0]
+
+
+def part_targets(args, device, dtype):
+    """Every row of issue 23's table, each ratio measured in one process, interleaved."""
+    import timm
+
+    from fxsparse.robust.compare import mcnemar_exact
+
+    print(f"\n## Targets ({dtype}, alpha 0.2, {args.target_rounds} interleaved rounds)\n")
+    print("| row | measured | target | met |\n|---|---|---|---|")
+    torch.manual_seed(0)
+    effnet = timm.create_model("efficientnet_b0", pretrained=False).eval().to(device, dtype)
+    x = torch.randn(8, 3, 128, 128, device=device, dtype=dtype)
+    sparse = fxsparse.sparsify(effnet, [x], alpha=0.2, progress=False)
+    _row("compiled efficientnet_b0 b8 128x128 (SiLU), sparsified / original",
+         _compiled_ratio(effnet, sparse, x, device, args), TARGETS["compiled_effnet"])
+    model, data = resnet18_and_batches(args, device, dtype)
+    gm = fxsparse.sparsify(model, data[:1], alpha=0.2, progress=False)
+    size = f"b{args.calib_batch} {args.calib_size}x{args.calib_size}"
+    _row(f"compiled resnet18 {size}", _compiled_ratio(model, gm, data[0], device, args), TARGETS["compiled_resnet"])
     fns = [forwards(model, data[:2]), forwards(gm, data[:2])]
     for f in fns:
         f()
     t = interleaved(fns, device, args.target_rounds, 1)
-    rows.append((f"eager sparsified / original, plain ops (resnet18, b{args.calib_batch} {args.calib_size}x"
-                 f"{args.calib_size})", t[1] / t[0], TARGETS["eager"], "x"))
-    print("| row | measured | target | met |\n|---|---|---|---|")
-    for name, value, target, unit in rows:
-        shown = f"{value:+.2f} s" if unit == "s" else f"{value:.3f}"
-        print(f"| {name} | {shown} | <= {target:.2f}{' s' if unit == 's' else ''} | "
-              f"{'yes' if value <= target else 'no'} |", flush=True)
+    _row(f"eager resnet18 {size}, plain ops", t[1] / t[0], TARGETS["eager"])
+    fresh = fxsparse.prepare(model, data[0])
+    fns = list(forward_and_calibration(model, fresh, data))
+    for f in fns:
+        f()
+    t = interleaved(fns, device, max(3, args.target_rounds // 4), 1)
+    _row(f"default calibrate() over {len(data)} batches / plain forwards (resnet18 {size})", t[1] / t[0],
+         TARGETS["calibration"])
+    images = torch.rand(args.calib_batch, 3, args.calib_size, args.calib_size, device=device, dtype=dtype)
+    as_is, bpda = _pgd_ratios(model, gm, images, device, args)
+    _row(f"PGD-10 sparsified / original, eager, as is (resnet18 {size})", as_is, TARGETS["pgd"])
+    _row(f"PGD-10 sparsified / original, eager, BPDA (resnet18 {size})", bpda, TARGETS["pgd"])
+    _row("exact McNemar p, 50,000 pairs with 8,000 discordant (4,200 / 3,800)",
+         timed(lambda: mcnemar_exact(4200, 3800), torch.device("cpu"), 3), TARGETS["mcnemar"], "ms")
+    if device.type == "cuda":
+        for name in ("resnet50", "efficientnet_b0"):
+            torch.manual_seed(0)
+            net = timm.create_model(name, pretrained=False).eval().to(device, torch.bfloat16)
+            xb = torch.randn(32, 3, 224, 224, device=device, dtype=torch.bfloat16)
+            _row(f"GPU: compiled bf16 b32 224x224 {name}, sparsified / original",
+                 _compiled_ratio(net, fxsparse.sparsify(net, [xb], alpha=0.2, progress=False), xb, device, args),
+                 TARGETS["gpu"])
+    else:
+        print("| GPU: compiled bf16 b32 224x224 | not run (no CUDA device: benchmarks/gpu.sh) | <= 1.03 | - |")
+
+
+def part_cold(args, device, dtype):
+    """The first eager call of a sparsified resnet18 in a fresh process with an empty Inductor cache."""
+    t0, t1 = cold_first_call(args)
+    print("\n## First eager call, fresh process, empty Inductor cache\n\n| row | measured | target | met |\n"
+          "|---|---|---|---|")
+    _row(f"sparsified - original ({t1:.2f} s - {t0:.2f} s)", t1 - t0, TARGETS["cold"], "s")
 
 
 class AuthorsMeanSparse(nn.Module):
@@ -302,7 +356,7 @@ def part_infer(args, device, dtype, authors_only=False):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["targets", "pass", "calib", "infer", "authors"])
+    parser.add_argument("--parts", nargs="+", default=["targets", "cold", "pass", "calib", "infer", "authors"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--models", nargs="+", default=INFER_MODELS)
@@ -324,6 +378,8 @@ def main():
           + f", {time.strftime('%Y-%m-%d %H:%M')}")
     if "targets" in args.parts:
         part_targets(args, device, dtype)
+    if "cold" in args.parts and device.type == "cpu":
+        part_cold(args, device, dtype)
     if "pass" in args.parts:
         part_pass(args)
     if "calib" in args.parts:

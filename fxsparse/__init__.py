@@ -3,7 +3,8 @@
 The pipeline, one stage a module or package, in the order a model goes through it (imports run the same way,
 from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
 
-    op         fxsparse/ops.py             the MeanSparse operator (buffers mean, std, alpha)
+    op         fxsparse/ops.py             the MeanSparse operator (buffers mean, std, alpha; derived lo, hi)
+               fxsparse/fused.py           the opt-in fused eager kernel (set_eager_kernel)
     capture    fxsparse/capture/           nn.Module -> eval-mode GraphModule with every activation visible
                                            (FX, or torch.export as fallback); shapes by fake-tensor
                                            propagation (passes/shapes.py)
@@ -47,7 +48,8 @@ from fxsparse.errors import (BackendError, CalibrationError, CaptureError, Distr
                              FxsparseTypeError, FxsparseValueError, InputRangeError, LayoutWarning,
                              MissingDependencyError, NoActivationWarning, PersistenceError, SearchWarning,
                              SelectionError)
-from fxsparse.ops import MeanSparse, eager_kernel, meansparse_ops, set_eager_kernel
+from fxsparse.ops import MeanSparse, meansparse_ops
+from fxsparse.fused import eager_kernel, set_eager_kernel
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
 from fxsparse.passes.locate import Selection, Site, locate
 from fxsparse.passes.splice import splice

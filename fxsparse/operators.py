@@ -69,6 +69,7 @@ def set_alpha(model: nn.Module, alpha: Union[float, Mapping[str, float]]) -> nn.
     with torch.no_grad():
         for op, a in plan:
             op.alpha.fill_(a)
+            op.refresh_bounds()
     return model
 
 

@@ -1,30 +1,28 @@
 """The MeanSparse operator: values close to their channel's mean are replaced by that mean.
 
-    y = mean_c  if |x - mean_c| < alpha * std_c  else x
+    y = mean_c  if lo_c < x < hi_c  else x,    lo_c = mean_c - alpha * std_c,  hi_c = mean_c + alpha * std_c
 
 `mean`, `std` and `alpha` are buffers, so moving, casting, saving and compiling treat them like any other
-model state; `alpha` is a 0-d tensor changed in place, so a new alpha never triggers a recompile. The forward
-has no data-dependent Python branch (no host-device sync): with alpha = 0 the comparison is false everywhere
-and `torch.where` returns the input's own bits.
+model state; `alpha` is a 0-d tensor changed in place, so a new alpha never triggers a recompile. The bounds
+`lo` / `hi` are per-channel buffers derived from them (not saved: `state_dict` keeps its keys) and refreshed
+in place by `MeanSparse.refresh_bounds()`, which every writer calls (set_alpha, calibration, loading a
+state_dict, the compile backend): the forward is then two comparisons and a select per element, with no
+`mean +- alpha * std` recomputed inside a compiled kernel. With alpha = 0, lo = hi = mean and both strict
+comparisons are false everywhere (NaN included), so `torch.where` returns the input's own bits.
 
 Eager mode is plain public PyTorch: nothing is compiled behind the user's back, and no private torch API is
-needed for correct results. In inference it allocates one full-size temporary (the difference, reused as
-the output) and writes into its input only when the activation was in place. Speed comes from
-`torch.compile`, where the operator fuses into its neighbours' kernels; `set_eager_kernel("fused")` opts in
-to a compiled eager kernel.
+needed for correct results. Speed comes from `torch.compile`, where the operator fuses into its neighbours'
+kernels; `fxsparse.set_eager_kernel("fused")` (fxsparse/fused.py) opts in to a compiled eager kernel, which
+plugs in through `_eager_kernel_hook` so that this module imports nothing above it.
 """
 from __future__ import annotations
 
-import functools
 import math
-import types
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
-from fxsparse.config import eager_kernel_at_start
-from fxsparse.util import first_line
 from fxsparse.errors import FxsparseValueError
 
 
@@ -32,12 +30,12 @@ class _StraightThroughWhere(torch.autograd.Function):
     """Forward: the MeanSparse output. Backward: the identity (BPDA), for adaptive attacks."""
 
     @staticmethod
-    def forward(ctx, x, mean, threshold):
-        return _band(x, mean, threshold)
+    def forward(ctx, x, mean, lo, hi):
+        return _band(x, mean, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None, None, None
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -51,22 +49,25 @@ def _dense(x: torch.Tensor) -> bool:
     return True
 
 
-def _band(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    return torch.where((x - mean).abs() < threshold, mean, x)
+def _band(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    # two selects rather than `where((x > lo) & (x < hi), ...)`: in an Inductor kernel that is 4 vector ops
+    # per element instead of 6 (no mask casts and no `and`); same result, NaN and alpha = 0 included
+    return torch.where(x > lo, torch.where(x < hi, mean, x), x)
 
 
-def _band_lean(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """`_band` with one full-size temporary: the difference, made absolute in place, then reused as the output
-    (or, in place, the input itself is the output). Public ops only, no autograd (`out=` records none)."""
-    diff = torch.sub(x, mean)
-    inside = diff.abs_() < threshold
+def _band_lean(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+               inplace: bool) -> torch.Tensor:
+    """`_band` with one full-size float temporary (the output; in place, the input itself) and byte masks.
+    Public ops only, no autograd (`out=` records none)."""
+    inside = torch.gt(x, lo)
+    inside &= torch.lt(x, hi)
     if inplace:
         return torch.where(inside, mean, x, out=x)
-    if not _dense(x):
-        # `sub` compacts a view with gaps (a slice of a split); the activation would then run on another
-        # memory layout and may round differently. Keep the input's strides so alpha = 0 stays bit-exact.
-        diff = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
-    return torch.where(inside, mean, x, out=diff)  # `diff` has x's layout: TensorIterator follows x's strides
+    # `empty_like` keeps a dense layout (contiguous, channels-last, permuted); a view with gaps (a slice of a
+    # split) keeps its strides too, so the activation runs on the same layout and alpha = 0 stays bit-exact
+    out = (torch.empty_like(x) if _dense(x)
+           else torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device))
+    return torch.where(inside, mean, x, out=out)
 
 
 def _lean_allowed(x: torch.Tensor) -> bool:
@@ -74,71 +75,6 @@ def _lean_allowed(x: torch.Tensor) -> bool:
     textbook `_band` is what Inductor fuses and what autograd differentiates)."""
     return (type(x) is torch.Tensor and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
-
-
-# --- the opt-in fused eager kernel -----------------------------------------------------------------------
-# By default eager mode runs the public ops above (about four passes over memory). `set_eager_kernel("fused")`
-# sends float32 / float64 inference inputs of at least FUSED_MIN_ELEMENTS elements through one
-# Inductor-compiled kernel instead: every dense layout is viewed as (outer, C, inner), and one kernel with
-# dynamic sizes serves each (dtype, device, size-1 pattern, in-place flag). Each kernel compiles on its first
-# call (about a second on CPU, and a C++ compiler there; Inductor caches it on disk). Its bits equal the plain
-# ops'. A kernel that fails to compile or run is dropped with a warning, and its inputs take the plain ops; an
-# in-place kernel first runs on a scratch copy, so a failure never leaves a half-written input behind.
-# Correct results never depend on it: gradients, low precision, torch.compile / export / tracing / dispatch
-# modes always take the plain ops.
-EAGER_KERNELS = ("plain", "fused")
-_eager_kernel = eager_kernel_at_start()
-FUSED_MIN_ELEMENTS = 1 << 13  # below this, a compiled call's guard checks cost more than the plain ops
-_FUSED_DTYPES = (torch.float32, torch.float64)
-
-
-class FusedKernelWarning(UserWarning):
-    """The opt-in fused eager kernel failed for one input pattern; that pattern runs on the plain ops."""
-
-
-def set_eager_kernel(kind: str, model: Optional[nn.Module] = None, *example_inputs) -> None:
-    """Choose the eager inference kernel: "plain" (default: public PyTorch ops, nothing compiled) or "fused"
-    (one Inductor kernel per input pattern, compiled on first use). With `model` and `example_inputs`, one
-    forward under no_grad compiles the kernels that model needs now rather than on its first real call."""
-    global _eager_kernel
-    if kind not in EAGER_KERNELS:
-        from fxsparse.errors import SelectionError
-
-        raise SelectionError(f"unknown eager kernel {kind!r}; choose one of {EAGER_KERNELS}")
-    _eager_kernel = kind
-    if model is not None:
-        with torch.no_grad():
-            model(*example_inputs)
-
-
-def eager_kernel() -> str:
-    """The eager inference kernel in use: "plain" or "fused"."""
-    return _eager_kernel
-
-
-def _band_3d(x3: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The operator on an (outer, C, inner) view, from the raw state: the body of the fused kernel."""
-    return _band(x3, mean.to(x3.dtype).view(1, -1, 1), (alpha * std).to(x3.dtype).view(1, -1, 1))
-
-
-def _band_3d_(x3: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return x3.copy_(_band_3d(x3, mean, std, alpha))
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_band(key: tuple) -> Callable:
-    """The compiled kernel for one (dtype, device, size-1 pattern, in place) key. Each key gets its own
-    function object built from the body's code, so each has its own Dynamo cache entry and many keys never
-    reach the recompile limit (if one did, Dynamo would run the body eagerly: slower, still correct)."""
-    body = _band_3d_ if key[-1] else _band_3d
-    code = body.__code__.replace(co_name=f"{body.__name__}fused_{len(_fused_band.keys)}")
-    _fused_band.keys.append(key)
-    return torch.compile(types.FunctionType(code, body.__globals__, code.co_name), dynamic=True, fullgraph=True)
-
-
-_fused_band.keys = []  # type: ignore[attr-defined]
-_fused_failed: "set[tuple]" = set()   # keys dropped after a failure: their inputs take the plain ops
-_fused_proven: "set[tuple]" = set()   # in-place keys that ran once on a scratch copy
 
 
 def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
@@ -152,84 +88,48 @@ def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
     return None
 
 
-def _use_fused(x: torch.Tensor) -> bool:
-    if _eager_kernel != "fused" or x.numel() < FUSED_MIN_ELEMENTS or x.dtype not in _FUSED_DTYPES:
-        return False
-    if not _lean_allowed(x) or x.device.type not in ("cpu", "cuda"):
-        return False
-    # guards of the opt-in path only (the default plain ops need neither): functorch transforms and
-    # dispatch modes see the plain ops
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is None
+# Set by fxsparse/fused.py while the opt-in fused eager kernel is on: (x, mean, lo, hi, dim, inplace) -> the
+# result, or None for the plain ops below.
+_eager_kernel_hook: Optional[Callable] = None
 
 
-def _run_fused(x: torch.Tensor, mean, std, alpha, dim: int, inplace: bool) -> Optional[torch.Tensor]:
-    """The fused kernel's result, or None when this input's pattern has no working kernel."""
-    x3 = _as_3d(x, dim)
-    if x3 is None:
-        return None
-    key = (x.dtype, x.device, tuple(size == 1 for size in x3.shape), inplace)
-    if key in _fused_failed:
-        return None
-    try:
-        if inplace and key not in _fused_proven:  # first run on a scratch copy: x stays whole if it fails
-            _fused_band(key)(x3.clone(), mean, std, alpha)
-            _fused_proven.add(key)
-        elif not inplace:
-            y3 = _fused_band(key)(x3, mean, std, alpha)
-    except Exception as exc:  # noqa: BLE001 -- any failure: this pattern goes back to the plain ops
-        import warnings
-
-        _fused_failed.add(key)
-        warnings.warn(FusedKernelWarning(
-            f"the fused eager kernel failed for {x.dtype} input of shape {tuple(x.shape)} on {x.device} "
-            f"({first_line(exc, 200)}); such inputs now "
-            "run on the plain ops (fxsparse.set_eager_kernel('plain') silences this)"), stacklevel=4)
-        return None
-    if inplace:
-        try:
-            _fused_band(key)(x3, mean, std, alpha)
-        except Exception as exc:
-            from fxsparse.errors import FxsparseError
-
-            _fused_failed.add(key)
-            raise FxsparseError(
-                "the fused eager kernel failed while writing in place; the activation's input may be "
-                "half-written, so it is not retried. Run with fxsparse.set_eager_kernel('plain')") from exc
-        return x
-    if x.is_contiguous():
-        return y3.view(x.shape)
-    n, c, h, w = x.shape
-    return y3.view(n, h, w, c).permute(0, 3, 1, 2)
+def bounds(mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (lo, hi) = mean -+ alpha * std: the one place the band's edges are computed."""
+    threshold = alpha * std
+    return mean - threshold, mean + threshold
 
 
-def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
-                inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
-    """The operator as a function of its state (MeanSparse.forward, and the compile backend's graphs).
+def mean_sparse_bounds(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int,
+                       inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
+    """The operator from its precomputed bounds (MeanSparse.forward, and the compile backend's graphs).
     `inplace` writes into `x` (the activation was in place, so every alias of `x` must see the result)."""
-    if not straight_through and _use_fused(x):
-        y = _run_fused(x, mean, std, alpha, dim, inplace)
+    hook = _eager_kernel_hook
+    if hook is not None and not straight_through:
+        y = hook(x, mean, lo, hi, dim, inplace)
         if y is not None:
             return y
     shape = [1] * x.dim()
     shape[dim] = -1
-    mean = mean.to(x.dtype).view(shape)
-    threshold = (alpha * std).to(x.dtype).view(shape)
+    mean, lo, hi = (t.to(x.dtype).view(shape) for t in (mean, lo, hi))
     if straight_through:
-        y = _StraightThroughWhere.apply(x, mean, threshold)
+        y = _StraightThroughWhere.apply(x, mean, lo, hi)
         return x.copy_(y) if inplace else y
     if _lean_allowed(x):
-        return _band_lean(x, mean, threshold, inplace)
-    y = _band(x, mean, threshold)
+        return _band_lean(x, mean, lo, hi, inplace)
+    y = _band(x, mean, lo, hi)
     if inplace:
         return x.copy_(y)
     if not _dense(x):
         out = torch.empty_strided(x.size(), x.stride(), dtype=y.dtype, device=y.device)
         return out.copy_(y)
     return y
+
+
+def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
+                inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
+    """The operator as a function of its raw state (bounds computed per call, per channel)."""
+    lo, hi = bounds(mean, std, alpha)
+    return mean_sparse_bounds(x, mean, lo, hi, dim, inplace, straight_through)
 
 
 class MeanSparse(nn.Module):
@@ -257,6 +157,8 @@ class MeanSparse(nn.Module):
         # Number of calibration elements per channel behind `mean`/`std`; 0 means uncalibrated. An integer, so
         # that casting the model to float16 neither rounds nor overflows it.
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self._register_bounds()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.straight_through = False
         # Set by fxsparse.calibrate while it observes this site's input; None otherwise.
         self.observer: Optional[Callable[[torch.Tensor], None]] = None
@@ -277,6 +179,39 @@ class MeanSparse(nn.Module):
         self.zscore_edges: Optional[torch.Tensor] = None
         self.zscore_counts: Optional[torch.Tensor] = None
 
+    def _register_bounds(self) -> None:
+        # derived state, not saved (state_dict keys stay mean/std/alpha/count); `.to()` moves and casts them
+        lo, hi = bounds(self.mean, self.std, self.alpha)
+        self.register_buffer("lo", lo, persistent=False)
+        self.register_buffer("hi", hi, persistent=False)
+
+    def refresh_bounds(self) -> "MeanSparse":
+        """Recompute `lo` / `hi` from mean, std and alpha, in place where their device and dtype still match
+        (compiled code keeps reading the same tensors: a new alpha never recompiles). Every writer of mean,
+        std or alpha calls this; a direct write to those buffers must call it too."""
+        with torch.no_grad():
+            lo, hi = bounds(self.mean, self.std, self.alpha)
+            for name, value in (("lo", lo), ("hi", hi)):
+                current = getattr(self, name)
+                if (current.device == value.device and current.dtype == value.dtype
+                        and current.shape == value.shape and not current.is_inference()):
+                    current.copy_(value)
+                else:
+                    setattr(self, name, value)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to()`, `.half()`, `.cuda()`: the bounds are recomputed from the cast state rather than rounded from
+        # the old dtype's bounds (torch.nn.RNNBase hooks `_apply` the same way for its flat weights)
+        out = super()._apply(fn, *args, **kwargs)
+        self.refresh_bounds()
+        return out
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "lo" not in self._buffers:  # pickled before the bounds existed
+            self._register_bounds()
+
     @property
     def channels(self) -> int:
         return self.mean.numel()
@@ -289,11 +224,15 @@ class MeanSparse(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
-        return mean_sparse(x, self.mean, self.std, self.alpha, self.dim, self.inplace, self.straight_through)
+        return mean_sparse_bounds(x, self.mean, self.lo, self.hi, self.dim, self.inplace, self.straight_through)
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""
         return f"channels={self.channels}, dim={self.dim}{extra}, site={self.site!r}"
+
+
+def _refresh_after_load(module: MeanSparse, incompatible_keys) -> None:
+    module.refresh_bounds()
 
 
 def meansparse_ops(model: nn.Module) -> "dict[str, MeanSparse]":

@@ -61,6 +61,7 @@ def _make_op(site: Site, shape, decision: Decision, device) -> MeanSparse:
     op = MeanSparse(shape[dim], dim, inplace=site.inplace).to(device[0])
     op.mean.data, op.std.data = op.mean.to(device[1]), op.std.to(device[1])
     op.alpha.data = op.alpha.to(device[1])
+    op.refresh_bounds()
     op.site, op.module_path, op.kind, op.axis_rule = site.name, site.module_path, site.kind, decision.rule
     op.axis_default = decision.default  # the audit flags it; LayoutWarning has said so
     op.policy = site.policy

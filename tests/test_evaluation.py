@@ -37,6 +37,7 @@ def test_straight_through_gradient_is_the_identity_inside_the_band():
     op.std.copy_(torch.tensor([1.0, 2.0, 0.5]))
     op.count.fill_(10)
     op.alpha.fill_(0.5)
+    op.refresh_bounds()
     x = torch.randn(64, 3, 5, dtype=torch.float64, requires_grad=True)
     inside = ((x - op.mean.double().view(1, 3, 1)).abs() < 0.5 * op.std.double().view(1, 3, 1)).detach()
     assert inside.any() and (~inside).any()

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from fxsparse import MeanSparse
+from fxsparse import MeanSparse, fused, ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -30,6 +30,7 @@ def cases(draw, dtypes=DTYPES):
     op.std.copy_(std)
     op.alpha.fill_(alpha)
     op.count.fill_(1.0)
+    op.refresh_bounds()  # direct writes to the state refresh the bounds themselves
     return op, x
 
 
@@ -51,6 +52,7 @@ def _bands(op, x):
 def test_alpha_zero_is_identity_bit_for_bit(case):
     op, x = case
     op.alpha.zero_()
+    op.refresh_bounds()
     flat = x.contiguous().clone().view(-1)
     flat[0] = float("nan")
     if flat.numel() > 2:
@@ -120,6 +122,7 @@ def test_module_dtype_cast_keeps_working():
     op.mean.copy_(torch.arange(4.0))
     op.alpha.fill_(1.0)
     op.count.fill_(1)
+    op.refresh_bounds()
     op = op.half()
     assert op.mean.dtype == op.std.dtype == torch.float16 and op.count.dtype == torch.int64
     x = torch.tensor([0.3, 1.4, 1.6, 3.0], dtype=torch.float16).view(1, 4, 1).expand(2, 4, 3).contiguous()
@@ -153,11 +156,11 @@ def test_default_eager_path_compiles_nothing_and_overwrites_only_in_place(monkey
         raise AssertionError("the default eager path compiled something")
 
     monkeypatch.setattr(torch, "compile", no_compile)
-    assert ops.eager_kernel() == "plain"
+    assert fused.eager_kernel() == "plain"
     torch.manual_seed(0)
     mean, std, alpha = torch.randn(8), torch.rand(8) + 0.1, torch.tensor(0.4)
     for x in (torch.randn(4, 8, 33, 35), torch.randn(4, 8, 33, 35).to(memory_format=torch.channels_last)):
-        expected = ops._band(x, mean.view(1, -1, 1, 1), (alpha * std).view(1, -1, 1, 1))
+        expected = ops._band(x, *(t.view(1, -1, 1, 1) for t in (mean, *ops.bounds(mean, std, alpha))))
         with torch.no_grad():
             before = x.clone()
             y = ops.mean_sparse(x, mean, std, alpha, 1)
@@ -166,10 +169,14 @@ def test_default_eager_path_compiles_nothing_and_overwrites_only_in_place(monkey
             assert y is x and torch.equal(x, expected)
 
 
-def _fused(monkeypatch):
-    import fxsparse.ops as ops
+def _kernel(monkeypatch, kind):
+    """Switch the eager kernel for one test (monkeypatch restores both the name and the hook)."""
+    monkeypatch.setattr(fused, "_eager_kernel", kind)
+    monkeypatch.setattr(ops, "_eager_kernel_hook", fused._run_fused if kind == "fused" else None)
 
-    monkeypatch.setattr(ops, "_eager_kernel", "fused")
+
+def _fused(monkeypatch):
+    _kernel(monkeypatch, "fused")
     return ops
 
 
@@ -188,17 +195,17 @@ def test_fused_eager_kernel_equals_plain_ops(monkeypatch, shape, dim, channels_l
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     mean, std = torch.randn(shape[dim]), torch.rand(shape[dim]) + 0.1
-    monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "FUSED_MIN_ELEMENTS", 0)
     results = []
     for kind in ("fused", "plain"):
-        monkeypatch.setattr(ops, "_eager_kernel", kind)
+        _kernel(monkeypatch, kind)
         xi = x.clone()
         y = ops.mean_sparse(xi, mean, std, torch.tensor(0.4), dim, inplace=inplace)
         assert (y is xi) == inplace
         results.append((y, y.stride()))
         if kind == "fused":  # the kernel for this (dtype, device, size-1 pattern, inplace) exists and works
-            assert any(k[0] == x.dtype and k[-1] == inplace for k in ops._fused_band.keys)
-            assert not ops._fused_failed
+            assert any(k[0] == x.dtype and k[-1] == inplace for k in fused._fused_band.keys)
+            assert not fused._fused_failed
         assert torch.equal(ops.mean_sparse(x.clone(), mean, std, torch.tensor(0.0), dim, inplace=inplace), x)
     (y1, s1), (y2, s2) = results
     assert torch.equal(y1, y2) and s1 == s2 == x.stride()
@@ -213,8 +220,8 @@ def test_fused_kernel_property_above_threshold(data):
     channels = data.draw(st.integers(1, 24))
     n = data.draw(st.integers(1, 3))
     h, w = data.draw(st.integers(2, 40)), data.draw(st.integers(2, 40))
-    if n * channels * h * w < ops.FUSED_MIN_ELEMENTS:
-        n = -(-ops.FUSED_MIN_ELEMENTS // (channels * h * w))
+    if n * channels * h * w < fused.FUSED_MIN_ELEMENTS:
+        n = -(-fused.FUSED_MIN_ELEMENTS // (channels * h * w))
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     x = (torch.randn(n, channels, h, w, generator=gen) * 2).to(dtype)
@@ -226,13 +233,13 @@ def test_fused_kernel_property_above_threshold(data):
     inplace = data.draw(st.booleans())
     with torch.no_grad():
         try:
-            ops.set_eager_kernel("fused")
-            assert ops._use_fused(x)
+            fused.set_eager_kernel("fused")
+            assert fused._use_fused(x)
             y = ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=inplace)
         finally:
-            ops.set_eager_kernel("plain")
+            fused.set_eager_kernel("plain")
         expected = ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=inplace)
-    assert not ops._fused_failed
+    assert not fused._fused_failed
     strides = lambda t: [st for sz, st in zip(t.shape, t.stride()) if sz > 1]  # noqa: E731 (size-1: any)
     assert torch.equal(_bits(y), _bits(expected)) and strides(y) == strides(x)
     if float(alpha) == 0:
@@ -246,8 +253,8 @@ def test_fused_kernel_failure_falls_back_per_pattern_with_a_warning(monkeypatch)
     import fxsparse
 
     ops = _fused(monkeypatch)
-    monkeypatch.setattr(ops, "_fused_failed", set())
-    monkeypatch.setattr(ops, "_fused_proven", set())
+    monkeypatch.setattr(fused, "_fused_failed", set())
+    monkeypatch.setattr(fused, "_fused_proven", set())
     calls = []
 
     def broken(key):
@@ -256,22 +263,22 @@ def test_fused_kernel_failure_falls_back_per_pattern_with_a_warning(monkeypatch)
             raise RuntimeError("no C++ compiler")
         return kernel
 
-    monkeypatch.setattr(ops, "_fused_band", broken)
+    monkeypatch.setattr(fused, "_fused_band", broken)
     mean, std, alpha = torch.zeros(4), torch.ones(4), torch.tensor(0.5)
     x = torch.randn(64, 4, 64)
     with torch.no_grad():
         for inplace in (False, True):
             xi = x.clone()
-            with pytest.warns(ops.FusedKernelWarning, match="plain ops"):
+            with pytest.warns(fused.FusedKernelWarning, match="plain ops"):
                 y = ops.mean_sparse(xi, mean, std, alpha, 1, inplace=inplace)
             assert torch.equal(y, torch.where(x.abs() < 0.5, 0.0, x)) and (y is xi) == inplace
             n = len(calls)
             ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=inplace)  # dropped: not tried again
             assert len(calls) == n
-        assert len(ops._fused_failed) == 2
-        monkeypatch.setattr(ops, "_fused_failed", set())
+        assert len(fused._fused_failed) == 2
+        monkeypatch.setattr(fused, "_fused_failed", set())
         proven = (torch.float32, x.device, (False, False, False), True)
-        ops._fused_proven.add(proven)
+        fused._fused_proven.add(proven)
         with pytest.raises(fxsparse.FxsparseError, match="half-written"):
             ops.mean_sparse(x.clone(), mean, std, alpha, 1, inplace=True)
     with pytest.raises(fxsparse.SelectionError, match="unknown eager kernel"):
@@ -280,14 +287,14 @@ def test_fused_kernel_failure_falls_back_per_pattern_with_a_warning(monkeypatch)
 
 def test_fused_eager_kernel_is_skipped_under_autograd_and_low_precision(monkeypatch):
     ops = _fused(monkeypatch)
-    monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "FUSED_MIN_ELEMENTS", 0)
     x = torch.randn(2, 3, 4)
-    assert ops._use_fused(x)
-    assert not ops._use_fused(x.clone().requires_grad_(True))
+    assert fused._use_fused(x)
+    assert not fused._use_fused(x.clone().requires_grad_(True))
     with torch.no_grad():
-        assert ops._use_fused(x.clone().requires_grad_(True))
-    assert not ops._use_fused(x.to(torch.bfloat16)) and not ops._use_fused(x.to(torch.float16))
-    assert not ops._use_fused(x.to("meta"))
+        assert fused._use_fused(x.clone().requires_grad_(True))
+    assert not fused._use_fused(x.to(torch.bfloat16)) and not fused._use_fused(x.to(torch.float16))
+    assert not fused._use_fused(x.to("meta"))
     xg = x.clone().requires_grad_(True)
     y = ops.mean_sparse(xg, torch.zeros(4), torch.ones(4), torch.tensor(0.5), -1)
     y.sum().backward()
@@ -299,8 +306,8 @@ def test_fused_eager_kernels_never_hit_the_recompile_limit(monkeypatch):
     """One compiled kernel per (dtype, size-1 pattern, inplace), dynamic in the sizes: many shapes, ranks and
     layouts in one process keep using it (a shared kernel used to fall back after 8 recompiles)."""
     ops = _fused(monkeypatch)
-    monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
-    before = set(ops._fused_band.keys)
+    monkeypatch.setattr(fused, "FUSED_MIN_ELEMENTS", 0)
+    before = set(fused._fused_band.keys)
     gen = torch.Generator().manual_seed(1)
     for i in range(24):
         shape = [(i % 3) + 1, 3 + i, (i % 5) + 2, (i % 4) + 1][: 2 + i % 3]
@@ -308,8 +315,90 @@ def test_fused_eager_kernels_never_hit_the_recompile_limit(monkeypatch):
         c = x.shape[1]
         mean, std = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.1
         y = ops.mean_sparse(x, mean, std, torch.tensor(0.3), 1)
-        monkeypatch.setattr(ops, "_eager_kernel", "plain")
+        _kernel(monkeypatch, "plain")
         assert torch.equal(y, ops.mean_sparse(x, mean, std, torch.tensor(0.3), 1))
-        monkeypatch.setattr(ops, "_eager_kernel", "fused")
-    assert not ops._fused_failed  # no compile failure dropped a kernel
-    assert len(set(ops._fused_band.keys) - before) <= 8  # float32, not in place: at most 2^3 size-1 patterns
+        _kernel(monkeypatch, "fused")
+    assert not fused._fused_failed  # no compile failure dropped a kernel
+    assert len(set(fused._fused_band.keys) - before) <= 8  # float32, not in place: at most 2^3 size-1 patterns
+
+
+def _calibrated_op(channels=4, dim=1, alpha=0.5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    op = MeanSparse(channels, dim)
+    op.mean.copy_(torch.randn(channels, generator=gen))
+    op.std.copy_(torch.rand(channels, generator=gen) + 0.1)
+    op.alpha.fill_(alpha)
+    op.count.fill_(1)
+    return op.refresh_bounds()
+
+
+def test_bounds_are_mean_minus_plus_alpha_std_and_not_saved():
+    op = _calibrated_op()
+    assert torch.equal(op.lo, op.mean - op.alpha * op.std) and torch.equal(op.hi, op.mean + op.alpha * op.std)
+    assert set(op.state_dict()) == {"mean", "std", "alpha", "count"}  # derived, so files keep their keys
+    lo = op.lo
+    op.alpha.fill_(0.25)
+    op.refresh_bounds()
+    assert op.lo is lo and torch.equal(op.lo, op.mean - 0.25 * op.std)  # in place: compiled code sees it
+
+
+def test_alpha_zero_never_replaces_a_value_equal_to_the_mean():
+    """lo = hi = mean at alpha 0 and both comparisons are strict: x == mean is kept with its own bits (a
+    mean of 0.0 does not turn an input -0.0 into +0.0), as are NaN and infinities."""
+    op = MeanSparse(3, 1)
+    op.mean.copy_(torch.tensor([0.0, 1.5, -2.0]))
+    op.refresh_bounds()
+    x = torch.tensor([[-0.0, 1.5, -2.0], [0.0, float("nan"), float("inf")]]).view(2, 3, 1)
+    for t in (x, x.double(), x.half(), x.bfloat16()):
+        assert torch.equal(_bits(op(t)), _bits(t))
+    with torch.no_grad():
+        assert torch.equal(_bits(op(x.clone())), _bits(x))
+
+
+def test_bounds_follow_set_alpha_calibration_load_and_cast():
+    """Every writer of mean, std or alpha refreshes lo / hi: set_alpha, calibrate, load_state_dict (into a
+    fresh operator or a whole model), and `.to()` moves and casts them with the state."""
+    import fxsparse
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    gm = fxsparse.prepare(model, (data[0],))
+    fxsparse.calibrate(gm, data, progress=False)
+    (op,) = fxsparse.meansparse_ops(gm).values()
+    assert torch.equal(op.lo, op.mean) and torch.equal(op.hi, op.mean)  # calibrated, alpha still 0
+    fxsparse.set_alpha(gm, 0.5)
+    assert torch.equal(op.hi, op.mean + 0.5 * op.std)
+    fresh = fxsparse.prepare(model, (data[0],))
+    fresh.load_state_dict(gm.state_dict())
+    (loaded,) = fxsparse.meansparse_ops(fresh).values()
+    assert torch.equal(loaded.lo, op.lo) and torch.equal(loaded.hi, op.hi)
+    assert torch.equal(fresh(data[1]), gm(data[1]))
+    gm64 = gm.double()
+    assert op.lo.dtype == op.hi.dtype == torch.float64 and torch.equal(op.hi, op.mean + op.alpha * op.std)
+
+
+@given(cases(dtypes=[torch.float32, torch.float64]))
+def test_bounds_formulation_equals_the_distance_formulation_off_the_edges(case):
+    """`lo < x < hi` and `|x - mean| < alpha * std` differ only by rounding at the band's edges: elements
+    clearly inside or outside are treated alike."""
+    op, x = case
+    y = op(x)
+    shape = [1] * x.dim()
+    shape[op.dim] = -1
+    mean = op.mean.to(x.dtype).view(shape)
+    reference = torch.where((x - mean).abs() < (op.alpha * op.std).to(x.dtype).view(shape), mean, x)
+    inside, outside = _bands(op, x)
+    assert torch.equal(y[inside | outside], reference[inside | outside])
+
+
+def test_pickled_operator_without_bounds_gets_them():
+    import pickle
+
+    op = _calibrated_op()
+    state = op.__getstate__()
+    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k not in ("lo", "hi")}
+    old = MeanSparse.__new__(MeanSparse)
+    old.__setstate__(state)
+    x = torch.randn(2, 4, 3)
+    assert torch.equal(old(x), op(x)) and torch.equal(pickle.loads(pickle.dumps(op))(x), op(x))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
+import fxsparse.fused as fused
 import fxsparse.ops as ops
 
 
@@ -67,17 +68,17 @@ def test_library_modules_are_fresh_only_with_their_own_forward():
 
 def _overwrote(gm, x, monkeypatch, grad=False):
     """gm(x) (without autograd unless `grad`), and per operator call whether it returned its input."""
-    seen, plain = [], ops.mean_sparse
+    seen, plain = [], ops.mean_sparse_bounds
 
     def recording(t, *args, **kwargs):
         out = plain(t, *args, **kwargs)
         seen.append(out is t)
         return out
 
-    monkeypatch.setattr(ops, "mean_sparse", recording)
+    monkeypatch.setattr(ops, "mean_sparse_bounds", recording)
     with torch.set_grad_enabled(grad):
         y = gm(x)
-    monkeypatch.setattr(ops, "mean_sparse", plain)
+    monkeypatch.setattr(ops, "mean_sparse_bounds", plain)
     return y, seen
 
 
@@ -85,8 +86,9 @@ def _overwrote(gm, x, monkeypatch, grad=False):
 def test_eager_inference_never_overwrites_an_input_that_was_not_in_place(monkeypatch, kernel):
     """A hook that kept the producer's output (or a detached view of it, then removed itself) sees the
     original values, whichever eager kernel runs."""
-    monkeypatch.setattr(ops, "FUSED_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(ops, "_eager_kernel", kernel)
+    monkeypatch.setattr(fused, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "_eager_kernel", kernel)
+    monkeypatch.setattr(ops, "_eager_kernel_hook", fused._run_fused if kernel == "fused" else None)
     model, gm, data = _prepared()
     kept = []
 

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Layers, lowest first: a module may import its own layer and the layers below, never a layer above.
 LAYERS = [
     ("base", {"fxsparse._meta", "fxsparse._version", "fxsparse.errors", "fxsparse.config", "fxsparse.util",
-              "fxsparse.ops"}),
+              "fxsparse.ops", "fxsparse.fused"}),
     ("passes", {"fxsparse.passes"}),
     ("pipeline", {"fxsparse"}),  # every other top-level module of fxsparse
     ("evaluation and compile", {"fxsparse.robust", "fxsparse.compile"}),

@@ -229,6 +229,7 @@ def _write_statistics(stats: Dict[MeanSparse, ChannelStats]) -> None:
         op.mean.copy_(s.mean.to(op.mean.dtype))
         op.std.copy_(s.std.to(op.std.dtype))
         op.count.fill_(int(s.count))
+        op.refresh_bounds()
         op.zscore_edges = op.zscore_counts = None  # measured again below, or not at all: never stale
         op.zscore_estimated = False
 

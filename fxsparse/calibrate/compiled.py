@@ -2,7 +2,7 @@
 
 The eager pass observes each site from Python (an observer per MeanSparse), so every batch moment is its own
 pass over memory. Here the graph is rewritten instead: each MeanSparse call becomes the identity plus a call
-that returns the site's batch moments (channel mean, then the mean squared deviation from it) and, for the
+that returns the site's batch moments (the one formula, `ChannelStats.batch_mean_var`, traced) and, for the
 one-pass histogram, a bounded sample of its input, all as extra outputs of the program. Inductor then fuses
 the reductions into the kernels that produce the activations. The moments are merged in float64 by the same
 `ChannelStats` as the eager pass, so the statistics agree with it to float rounding (the reductions run in
@@ -24,20 +24,13 @@ from fxsparse.calibrate.stats import ChannelStats, ZScoreSketch
 
 
 def site_moments(x: torch.Tensor, dim: int, exact: bool, sample: bool):
-    """(n, mean, var, sample or None) of one site's input: what `ChannelStats.batch_mean_var` computes, written
-    as plain tensor ops for Inductor (two passes: the variance is taken around the rounded mean)."""
-    d = dim % x.dim()
-    dims = [i for i in range(x.dim()) if i != d]
-    n = x.numel() // max(x.shape[d], 1)
-    work = x.detach()
-    if exact or work.dtype not in (torch.float32, torch.float64):
-        work = work.to(torch.float64)
-    shape = [1] * x.dim()
-    shape[d] = -1
-    mean = work.mean(dims) if dims else work.clone()
-    dev = work - mean.view(shape)
-    var = (dev * dev).mean(dims) if dims else torch.zeros_like(work)
-    return n, mean, var, (ZScoreSketch.take_sample(x, dim).clone() if sample else None)
+    """(n, mean, var, sample or None) of one site's input: the eager pass's own formula
+    (`ChannelStats.batch_mean_var`, traced by Dynamo), so both engines compute the same moments; n is 0 for
+    an empty batch."""
+    parts = ChannelStats.batch_mean_var(x, dim, exact)
+    if parts is None:
+        return 0, None, None, None
+    return (*parts, ZScoreSketch.take_sample(x, dim).clone() if sample else None)
 
 
 def moments_program(gm: fx.GraphModule, sample: bool, exact: bool) -> Optional[Tuple[fx.GraphModule, List[MeanSparse]]]:
@@ -79,11 +72,11 @@ class CompiledStatistics(nn.Module):
     def forward(self, *inputs):
         _, moments = self.compiled(*inputs)
         for op, (n, mean, var, sample) in zip(self.order, moments):
+            if n == 0:
+                continue
             if mean.numel() != op.channels:
                 raise CalibrationError(f"site {op.site!r} expects {op.channels} channels along dim {op.dim}, "
                                        f"but its input has {mean.numel()}")
-            if n == 0:
-                continue
             stats = self.stats[op]
             stats.add_moments(n, mean, var)
             if self.sketches is not None:

@@ -40,7 +40,7 @@ from fxsparse.calibrate.stats import ChannelStats
 from fxsparse.capture.export import annotate_module_paths
 from fxsparse.util import free_name
 from fxsparse.errors import BackendError, CalibrationError, FxsparseError, SelectionError
-from fxsparse.ops import MeanSparse, mean_sparse, meansparse_ops
+from fxsparse.ops import MeanSparse, mean_sparse_bounds, meansparse_ops
 from fxsparse.passes.kinds import kind_of_module_class
 from fxsparse._meta import SHAPE_META
 from fxsparse.passes.locate import Selection, as_selection, locate
@@ -110,10 +110,10 @@ def _widen_to_input_dtypes(gm: fx.GraphModule) -> None:
 
 
 def _state_as_inputs(gm: fx.GraphModule) -> List[torch.Tensor]:
-    """Rewrite each MeanSparse call into `mean_sparse(x, mean, std, alpha, ...)` whose state tensors are extra
+    """Rewrite each MeanSparse call into `mean_sparse_bounds(x, mean, lo, hi, ...)` whose state tensors are extra
     graph inputs, and drop the submodules: the compiler behind Dynamo accepts only the parameters and buffers
-    Dynamo itself registered. Returns the state tensors in input order (the modules' own buffers, so alpha
-    changed in place is seen by the compiled code)."""
+    Dynamo itself registered. Returns the state tensors in input order (the modules' own buffers, so bounds
+    refreshed in place by a new alpha are seen by the compiled code)."""
     state: List[torch.Tensor] = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     last_input = placeholders[-1] if placeholders else None  # None: a graph without inputs, state goes first
@@ -122,7 +122,7 @@ def _state_as_inputs(gm: fx.GraphModule) -> List[torch.Tensor]:
             continue
         op = gm.get_submodule(node.target)
         inputs = []
-        for field in ("mean", "std", "alpha"):
+        for field in ("mean", "lo", "hi"):
             where = (gm.graph.inserting_after(last_input) if last_input is not None
                      else gm.graph.inserting_before(next(iter(gm.graph.nodes))))
             with where:
@@ -132,7 +132,7 @@ def _state_as_inputs(gm: fx.GraphModule) -> List[torch.Tensor]:
             inputs.append(last_input)
             state.append(tensor)
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_function(mean_sparse, (node.args[0], *inputs, op.dim, op.inplace))
+            call = gm.graph.call_function(mean_sparse_bounds, (node.args[0], *inputs, op.dim, op.inplace))
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
@@ -239,6 +239,7 @@ class MeanSparseBackend:
             op.std.copy_(std)
             op.count.fill_(float(stat.get("count", torch.tensor(1.0))))
             op.alpha.fill_(self._alpha_for(site))
+            op.refresh_bounds()
 
     def _alpha_for(self, site: str) -> float:
         if isinstance(self.alpha, Mapping):
@@ -267,6 +268,7 @@ class MeanSparseBackend:
             for site, ops in self.ops.items():
                 for op in ops:
                     op.alpha.fill_(self._alpha_for(site))
+                    op.refresh_bounds()
 
 
 def backend(stats=None, alpha=0.0, **kwargs) -> MeanSparseBackend:

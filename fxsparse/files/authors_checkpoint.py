@@ -163,5 +163,6 @@ def from_meansparse(base_model: nn.Module, state_dict: Mapping[str, torch.Tensor
             op.mean.copy_(mean.reshape(-1))
             op.std.copy_(var.reshape(-1).clamp_min(0).sqrt())
             op.alpha.fill_(float(threshold))
+            op.refresh_bounds()
             op.count.fill_(1)  # calibrated (the element count behind their statistics is not in the file)
     return gm

@@ -125,6 +125,7 @@ def _restore(ops: Mapping[str, MeanSparse], tensors: Mapping[str, torch.Tensor],
                     raise PersistenceError(f"{path} is corrupt: site {name!r} needs {buffer} of shape "
                                            f"{tuple(target.shape)}, the file has {got}")
                 target.copy_(t)
+            op.refresh_bounds()
             if f"{name}/zscore_counts" in tensors:
                 op.zscore_edges = tensors[f"{name}/zscore_edges"].clone()
                 op.zscore_counts = tensors[f"{name}/zscore_counts"].clone()
