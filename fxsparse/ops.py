@@ -40,6 +40,32 @@ class _StraightThroughWhere(torch.autograd.Function):
         return grad, None, None
 
 
+class _SmoothBandWhere(torch.autograd.Function):
+    """Forward: the exact MeanSparse output. Backward: the gradient of the smooth band
+    `mean + d * sigmoid((|d| - t) / (tau * t))`, d = x - mean, t = alpha * std: a surrogate that, unlike the
+    identity, knows that values inside the band barely move the output (issue 20). t = 0: the identity."""
+
+    @staticmethod
+    def forward(ctx, x, mean, threshold, tau):
+        ctx.save_for_backward(x, mean, threshold, tau)
+        return _band(x, mean, threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, threshold, tau = ctx.saved_tensors
+        return grad * smooth_band_slope(x, mean, threshold, tau), None, None, None
+
+
+def smooth_band_slope(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor,
+                      tau: torch.Tensor) -> torch.Tensor:
+    """d/dx of the smooth band: s + |d| s (1 - s) / (tau t), s = sigmoid((|d| - t) / (tau t)); 1 where t = 0."""
+    d = (x - mean).abs()
+    live = threshold > 0
+    scale = tau.to(x.dtype) * torch.where(live, threshold, torch.ones_like(threshold))
+    s = torch.sigmoid((d - threshold) / scale)
+    return torch.where(live, s + d * s * (1 - s) / scale, torch.ones_like(s))
+
+
 def _dense(x: torch.Tensor) -> bool:
     """True when `x` covers its memory without gaps or overlap, in any dimension order (contiguous,
     channels-last, permuted); elementwise ops then keep its layout. Reads shapes only: no device sync."""
@@ -207,9 +233,12 @@ def _run_fused(x: torch.Tensor, mean, std, alpha, dim: int, inplace: bool) -> Op
 
 
 def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
-                inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
+                inplace: bool = False, straight_through=False,
+                tau: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The operator as a function of its state (MeanSparse.forward, and the compile backend's graphs).
-    `inplace` writes into `x` (the activation was in place, so every alias of `x` must see the result)."""
+    `inplace` writes into `x` (the activation was in place, so every alias of `x` must see the result).
+    `straight_through`: False (exact gradient), True or "identity" (BPDA), "smooth" (the smooth band's
+    gradient at temperature `tau`, a 0-d tensor); the forward is exact in every case."""
     if not straight_through and _use_fused(x):
         y = _run_fused(x, mean, std, alpha, dim, inplace)
         if y is not None:
@@ -218,6 +247,9 @@ def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: t
     shape[dim] = -1
     mean = mean.to(x.dtype).view(shape)
     threshold = (alpha * std).to(x.dtype).view(shape)
+    if straight_through == "smooth" and tau is not None:
+        y = _SmoothBandWhere.apply(x, mean, threshold, tau)
+        return x.copy_(y) if inplace else y
     if straight_through:
         y = _StraightThroughWhere.apply(x, mean, threshold)
         return x.copy_(y) if inplace else y
@@ -264,7 +296,10 @@ class MeanSparse(nn.Module):
         # Number of calibration elements per channel behind `mean`/`std`; 0 means uncalibrated. An integer, so
         # that casting the model to float16 neither rounds nor overflows it.
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        # False, or the surrogate gradient in use: "identity" (BPDA) or "smooth" (at temperature `tau`, a 0-d
+        # buffer so a new tau never recompiles; not saved: it is attack state). See fxsparse.straight_through.
         self.straight_through = False
+        self.register_buffer("tau", torch.tensor(0.1), persistent=False)
         # Set by fxsparse.calibrate while it observes this site's input; None otherwise.
         self.observer: Optional[Callable[[torch.Tensor], None]] = None
         # Descriptive metadata, written by the splice pass.
@@ -289,7 +324,8 @@ class MeanSparse(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
-        return mean_sparse(x, self.mean, self.std, self.alpha, self.dim, self.inplace, self.straight_through)
+        return mean_sparse(x, self.mean, self.std, self.alpha, self.dim, self.inplace, self.straight_through,
+                           getattr(self, "tau", None))
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""
