@@ -47,13 +47,14 @@ class _SmoothBandWhere(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mean, threshold, tau):
-        ctx.save_for_backward(x, mean, threshold, tau)
+        # the slope, not x, is saved: an in-place activation overwrites x after this returns
+        ctx.save_for_backward(smooth_band_slope(x, mean, threshold, tau))
         return _band(x, mean, threshold)
 
     @staticmethod
     def backward(ctx, grad):
-        x, mean, threshold, tau = ctx.saved_tensors
-        return grad * smooth_band_slope(x, mean, threshold, tau), None, None, None
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None, None
 
 
 def smooth_band_slope(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor,
