@@ -390,3 +390,24 @@ def test_on_the_trained_digits_cnn_a_surrogate_column_finds_what_identity_bpda_m
     bpda, smooth = ev["pgd"].correct["bpda"], ev["pgd"].correct["smooth"]
     assert int((bpda & ~smooth).sum()) >= 5  # measured: about 6 points of accuracy at alpha 0.5
     assert ev["pgd"].smooth < ev["pgd"].bpda
+
+
+def test_kept_adversarial_examples_rescore_as_given_inputs(data, sparse):
+    x, y = data
+    fxsparse.set_alpha(sparse, 1.0)
+    try:
+        ev = evaluate(sparse, (x, y), eps=0.1, attacks=["pgd:steps=5"], modes=("plain", "bpda"),
+                      keep_adversarial=True, batch_size=20)
+        kept = ev["pgd"].adversarial["bpda"]
+        again = evaluate(sparse, (x, y), eps=0.1, attacks=["clean"], adversarial={"bpda-pgd": kept},
+                         batch_size=16)
+        assert torch.equal(again["given: bpda-pgd"].correct["plain"], ev["pgd"].correct["bpda"])
+        assert again.worst() == float(again["given: bpda-pgd"].correct["plain"].float().mean())
+        with pytest.raises(fxsparse.FxsparseValueError, match="eps"):
+            evaluate(sparse, (x, y), eps=0.1, attacks=["clean"], adversarial=(x + 0.2).clamp(0, 1))
+        with pytest.raises(fxsparse.FxsparseValueError, match="one per example"):
+            evaluate(sparse, (x, y), eps=0.1, attacks=["clean"], adversarial=x[:10])
+        with pytest.raises(fxsparse.FxsparseTypeError):
+            evaluate(sparse, (x, y), eps=0.1, attacks=["clean"], adversarial=[x])
+    finally:
+        fxsparse.set_alpha(sparse, 0.0)

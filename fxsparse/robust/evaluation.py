@@ -308,6 +308,7 @@ def evaluate(
     survivors_only: bool = True,
     transfer_from: Optional[nn.Module] = None,
     keep_adversarial: bool = False,
+    adversarial: Union[torch.Tensor, Mapping[str, torch.Tensor], None] = None,
 ) -> Evaluation:
     """Accuracy of `model` on `data` under each attack in every column of `modes`, and the worst case.
 
@@ -328,6 +329,10 @@ def evaluate(
             classes); by default the sparsified model itself with every alpha set to 0 (restored exactly).
         keep_adversarial: keep each column's adversarial inputs (on the CPU) in `result.adversarial[mode]`,
             one per example (the clean input where the column did not attack it), to re-check elsewhere.
+        adversarial: adversarial inputs made elsewhere, one per example of `data` in its order (a tensor, or
+            {name: tensor}): each is scored as a row "given: name" (as RobustBench accepts outside
+            evaluations) and counts in the worst case; each must lie in the eps-ball of its example and in
+            `bounds` (FxsparseValueError otherwise).
         max_examples: evaluate on the first n examples only (AutoAttack on a subset).
         search: the SearchResult that chose alpha: the data must not share an example with its validation
             split (raises FxsparseError otherwise).
@@ -360,6 +365,10 @@ def evaluate(
     results = [AttackResult(name, {k: v for k, v in opts.items()}) for name, opts in plan]
     correct: List[Dict[str, List[torch.Tensor]]] = [{m: [] for m in modes} for _ in plan]
     kept: List[Dict[str, List[torch.Tensor]]] = [{m: [] for m in modes} for _ in plan]
+    given = _given(adversarial)
+    results += [AttackResult(f"given: {name}", {}) for name in given]
+    correct += [{"plain": []} for _ in given]
+    offset = 0
     total = None
     try:
         total = math.ceil(len(data[0]) / batch_size) if isinstance(data, (tuple, list)) and len(data) == 2 \
@@ -394,6 +403,9 @@ def evaluate(
                     check_l2_budget(eps, x, bounds)
                 x, y = x.to(dev), y.to(dev)
                 n += len(y)
+                for k, adv in enumerate(given.values(), start=len(plan)):
+                    correct[k]["plain"].append(_score_given(net, adv, offset, x, y, eps, norm, bounds))
+                offset += len(y)
                 for k, ((name, options), result) in enumerate(zip(plan, results)):
                     bar.set_postfix_str(name)
                     _run_one(net, ATTACKS[name], options, x, y, eps, norm, bounds, seed, index * world + rank,
@@ -422,6 +434,33 @@ def evaluate(
 
         evaluation.comparison = compare(baseline, evaluation)
     return evaluation
+
+
+def _given(adversarial) -> Dict[str, torch.Tensor]:
+    if adversarial is None:
+        return {}
+    if isinstance(adversarial, torch.Tensor):
+        return {"adversarial": adversarial}
+    if isinstance(adversarial, Mapping) and all(isinstance(v, torch.Tensor) for v in adversarial.values()):
+        return {str(k): v for k, v in adversarial.items()}
+    raise FxsparseTypeError("adversarial must be a tensor of adversarial inputs, one per example, or a "
+                            f"{{name: tensor}} mapping, got {type(adversarial).__name__}")
+
+
+def _score_given(model, adv_all: torch.Tensor, offset: int, x, y, eps, norm, bounds) -> torch.Tensor:
+    """Correctness on a user's adversarial inputs for this batch, after checking they are admissible."""
+    adv = adv_all[offset:offset + len(y)]
+    if adv.shape != x.shape:
+        raise FxsparseValueError(f"the given adversarial inputs {offset}..{offset + len(y)} have shape "
+                                 f"{tuple(adv.shape)}, the data {tuple(x.shape)}: give one per example, in order")
+    adv = adv.to(x)
+    delta = (adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    if bool((size > eps * (1 + 1e-5) + 1e-6).any()) or adv.min() < bounds[0] or adv.max() > bounds[1]:
+        raise FxsparseValueError(f"given adversarial inputs {offset}..{offset + len(y)} leave the {norm} "
+                                 f"eps={eps:g} ball (largest perturbation {float(size.max()):.4g}) or the "
+                                 f"bounds {tuple(bounds)}: they would not be a valid attack")
+    return _predict_correct(model, adv, y)
 
 
 @dataclasses.dataclass
