@@ -1,4 +1,4 @@
-"""Controls over a sparsified model: alpha, and straight-through gradients for adaptive attacks."""
+"""Controls over a sparsified model: alpha, and surrogate (straight-through) gradients for adaptive attacks."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +14,7 @@ from torch import fx, nn
 from fxsparse._meta import PREPARE_META
 from fxsparse.errors import CalibrationError, NoActivationWarning, SelectionError
 from fxsparse.ops import MeanSparse, meansparse_ops
+from fxsparse.surrogates import Surrogate, parse_surrogate
 
 
 def _check_alpha(value, where: str) -> float:
@@ -78,23 +79,35 @@ _ST_DEPTH: "dict[int, int]" = {}
 
 
 @contextlib.contextmanager
-def straight_through(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every MeanSparse passes gradients straight through (BPDA); forward is unchanged.
+def straight_through(model: nn.Module, surrogate: Union[str, Surrogate] = "identity") -> Iterator[nn.Module]:
+    """Within the block, every MeanSparse backpropagates through a surrogate gradient; forward is unchanged.
 
-    Nested and concurrent uses on the same model are counted: the switch goes off when the last one exits.
+    surrogate: "identity" (BPDA, the default), "smooth:tau=0.1" (the smooth band's gradient at temperature tau)
+    or a Surrogate (fxsparse/surrogates.py); "anneal" schedules belong to attacks and run here at their last
+    (smallest) tau. The kind is a Python attribute (one compiled graph per kind), tau a 0-d buffer changed in
+    place (a new tau never recompiles). Nested and concurrent uses on the same model are counted: the switch
+    goes off when the last one exits; an inner block's surrogate gives way to the outer one's on exit.
     """
+    chosen = parse_surrogate(surrogate)
     ops = list(meansparse_ops(model).values())
     key = id(model)
     with _ST_LOCK:
         _ST_DEPTH[key] = _ST_DEPTH.get(key, 0) + 1
+        before = [(op.straight_through, op.tau.clone()) for op in ops]
         for op in ops:
-            op.straight_through = True
+            op.straight_through = chosen.backward
+            if chosen.taus:
+                with torch.no_grad():
+                    op.tau.fill_(chosen.taus[-1])
     try:
         yield model
     finally:
         with _ST_LOCK:
             _ST_DEPTH[key] -= 1
-            if _ST_DEPTH[key] == 0:
+            last = _ST_DEPTH[key] == 0
+            if last:
                 del _ST_DEPTH[key]
-                for op in ops:
-                    op.straight_through = False
+            for op, (kind, tau) in zip(ops, before):
+                op.straight_through = False if last else (kind or "identity")
+                with torch.no_grad():
+                    op.tau.copy_(tau)

@@ -38,6 +38,33 @@ class _StraightThroughWhere(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _SmoothBandWhere(torch.autograd.Function):
+    """Forward: the exact MeanSparse output. Backward: the gradient of the smooth band
+    `mean + d * sigmoid((|d| - t) / (tau * t))`, d = x - mean, t = alpha * std: a surrogate that, unlike the
+    identity, knows that values inside the band barely move the output (issue 20). t = 0: the identity."""
+
+    @staticmethod
+    def forward(ctx, x, mean, lo, hi, tau):
+        # the slope, not x, is saved: an in-place activation overwrites x after this returns
+        ctx.save_for_backward(smooth_band_slope(x, mean, hi - mean, tau))
+        return _band(x, mean, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None, None, None
+
+
+def smooth_band_slope(x: torch.Tensor, mean: torch.Tensor, threshold: torch.Tensor,
+                      tau: torch.Tensor) -> torch.Tensor:
+    """d/dx of the smooth band: s + |d| s (1 - s) / (tau t), s = sigmoid((|d| - t) / (tau t)); 1 where t = 0."""
+    d = (x - mean).abs()
+    live = threshold > 0
+    scale = tau.to(x.dtype) * torch.where(live, threshold, torch.ones_like(threshold))
+    s = torch.sigmoid((d - threshold) / scale)
+    return torch.where(live, s + d * s * (1 - s) / scale, torch.ones_like(s))
+
+
 def _dense(x: torch.Tensor) -> bool:
     """True when `x` covers its memory without gaps or overlap, in any dimension order (contiguous,
     channels-last, permuted); elementwise ops then keep its layout. Reads shapes only: no device sync."""
@@ -100,9 +127,12 @@ def bounds(mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor) -> Tuple[
 
 
 def mean_sparse_bounds(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int,
-                       inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
+                       inplace: bool = False, straight_through=False,
+                       tau: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The operator from its precomputed bounds (MeanSparse.forward, and the compile backend's graphs).
-    `inplace` writes into `x` (the activation was in place, so every alias of `x` must see the result)."""
+    `inplace` writes into `x` (the activation was in place, so every alias of `x` must see the result).
+    `straight_through`: False (exact gradient), True or "identity" (BPDA), "smooth" (the smooth band's
+    gradient at temperature `tau`, a 0-d tensor); the forward is exact in every case."""
     hook = _eager_kernel_hook
     if hook is not None and not straight_through:
         y = hook(x, mean, lo, hi, dim, inplace)
@@ -111,6 +141,9 @@ def mean_sparse_bounds(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi
     shape = [1] * x.dim()
     shape[dim] = -1
     mean, lo, hi = (t.to(x.dtype).view(shape) for t in (mean, lo, hi))
+    if straight_through == "smooth" and tau is not None:
+        y = _SmoothBandWhere.apply(x, mean, lo, hi, tau)
+        return x.copy_(y) if inplace else y
     if straight_through:
         y = _StraightThroughWhere.apply(x, mean, lo, hi)
         return x.copy_(y) if inplace else y
@@ -126,10 +159,11 @@ def mean_sparse_bounds(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi
 
 
 def mean_sparse(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, alpha: torch.Tensor, dim: int,
-                inplace: bool = False, straight_through: bool = False) -> torch.Tensor:
+                inplace: bool = False, straight_through=False,
+                tau: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The operator as a function of its raw state (bounds computed per call, per channel)."""
     lo, hi = bounds(mean, std, alpha)
-    return mean_sparse_bounds(x, mean, lo, hi, dim, inplace, straight_through)
+    return mean_sparse_bounds(x, mean, lo, hi, dim, inplace, straight_through, tau)
 
 
 class MeanSparse(nn.Module):
@@ -159,7 +193,10 @@ class MeanSparse(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self._register_bounds()
         self.register_load_state_dict_post_hook(_refresh_after_load)
+        # False, or the surrogate gradient in use: "identity" (BPDA) or "smooth" (at temperature `tau`, a 0-d
+        # buffer so a new tau never recompiles; not saved: it is attack state). See fxsparse.straight_through.
         self.straight_through = False
+        self.register_buffer("tau", torch.tensor(0.1), persistent=False)
         # Set by fxsparse.calibrate while it observes this site's input; None otherwise.
         self.observer: Optional[Callable[[torch.Tensor], None]] = None
         # Descriptive metadata, written by the splice pass.
@@ -224,7 +261,8 @@ class MeanSparse(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
-        return mean_sparse_bounds(x, self.mean, self.lo, self.hi, self.dim, self.inplace, self.straight_through)
+        return mean_sparse_bounds(x, self.mean, self.lo, self.hi, self.dim, self.inplace, self.straight_through,
+                                  self.tau)
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""

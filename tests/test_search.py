@@ -192,3 +192,33 @@ def test_stage_of():
     assert stage_of("relu2") == "relu2"
     assert stage_of("blocks.3.mlp.act") == "blocks.3"
     assert stage_of("stem.act") == "stem"
+
+
+def test_default_score_is_the_adaptive_worst_case(setup, monkeypatch):
+    """The default score counts an example robust only if every column of evaluate left it robust."""
+    from fxsparse.robust import search as search_module
+    from fxsparse.robust.evaluation import MODES, AttackResult, Evaluation
+
+    gm, val, _ = setup
+    calls = []
+
+    def fake(model, batches, **kwargs):
+        calls.append(kwargs["modes"])
+        alpha = float(next(iter(fxsparse.meansparse_ops(model).values())).alpha)
+        ones = torch.ones(40, dtype=torch.bool)
+        # identity BPDA sees a gain at alpha 0.2 that the smooth surrogate removes
+        bpda = ones.clone() if alpha > 0 else torch.arange(40) < 20
+        smooth = torch.arange(40) < 20
+        clean = AttackResult("clean", {}, correct={m: ones for m in kwargs["modes"]})
+        attack = AttackResult("pgd", {}, correct={m: {"bpda": bpda, "smooth": smooth}.get(m, ones)
+                                                  for m in kwargs["modes"]})
+        return Evaluation([clean, attack], 40, 0.05, "linf", 0, 2)
+
+    monkeypatch.setattr(search_module, "evaluate", fake)
+    adaptive = fxsparse.search_alpha(gm, val, eps=EPS, attack="pgd:steps=2", alphas=(0.0, 0.2), apply=False)
+    assert adaptive.score == "adaptive" and calls[0] == MODES
+    assert adaptive.alpha == 0.0 and adaptive.verdict == "no detectable gain"
+    with pytest.warns(fxsparse.SearchWarning):
+        bpda = fxsparse.search_alpha(gm, val, eps=EPS, attack="pgd:steps=2", alphas=(0.0, 0.2), score="bpda",
+                                     apply=False)
+    assert bpda.alpha == 0.2  # the identity-BPDA score reports the gain the adaptive worst case removes

@@ -2,10 +2,12 @@
 and no more alpha than the noise of the validation split justifies.
 
 `search_alpha` sees only the validation data it is given (the test split is for `fxsparse.evaluate`, one
-call later), scores each alpha by robust accuracy under the chosen attack (BPDA by default: a plain gradient
-attack rewards the alpha that hides gradients best) and keeps the alphas that lose at most `max_clean_drop`
-clean accuracy against alpha = 0. Every configuration tried is in the returned table, with 95% Wilson
-intervals.
+call later), scores each alpha by robust accuracy under the chosen attack (by default the adaptive worst
+case: an example counts as robust only if it survives the attack as is, through identity BPDA, through the
+smooth-band surrogates and by transfer from alpha 0, see `fxsparse.evaluate`; a plain gradient attack rewards
+the alpha that hides gradients best, and identity BPDA overstates a thresholding operator) and keeps the
+alphas that lose at most `max_clean_drop` clean accuracy against alpha = 0. Every configuration tried is in
+the returned table, with 95% Wilson intervals.
 
 The choice rule (RULE, also in `SearchResult.rule`): every alpha is scored on the same examples with the
 same attack seeds, so two alphas are compared example by example. "Within noise of" means an exact McNemar
@@ -47,7 +49,9 @@ from fxsparse.robust.outputs import LogitsFn
 from fxsparse.ops import meansparse_ops
 
 DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)  # shared by search_alpha, the demo and the CLI
-SCORES = {"bpda": ("bpda",), "plain": ("plain",), "worst": MODES}
+SCORES = {"adaptive": MODES, "bpda": ("bpda",), "plain": ("plain",), "worst": ("plain", "bpda"),
+          "smooth": ("smooth",), "transfer": ("transfer",)}
+DEFAULT_SCORE = "adaptive"
 # without the reference APGD: PGD with a cosine step schedule, APGD's momentum, best-iterate tracking and
 # restarts (on the digits model, within 2 of 359 test examples of APGD-CE under BPDA: see the README)
 FALLBACK_ATTACK = "pgd:steps=50,restarts=2,schedule=cosine,momentum=0.75"
@@ -59,7 +63,7 @@ NO_GAIN = "no detectable gain"
 
 def default_attack() -> str:
     """The search's default score attack: APGD-CE (reference implementation) when pyautoattack is installed,
-    else FALLBACK_ATTACK. Both run through straight-through gradients (score="bpda")."""
+    else FALLBACK_ATTACK. The default score runs it in every column of `fxsparse.evaluate` (score="adaptive")."""
     return "apgd-ce" if importlib.util.find_spec("pyautoattack") is not None else FALLBACK_ATTACK
 
 
@@ -202,7 +206,7 @@ def search_alpha(
     eps: float,
     norm: str = "linf",
     attack: Optional[str] = None,
-    score: str = "bpda",
+    score: str = DEFAULT_SCORE,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     max_clean_drop: float = 0.01,
     strategy: str = "grid",
@@ -223,8 +227,11 @@ def search_alpha(
     Args:
         attack: the attack that scores an alpha, with options ("apgd-ce", "pgd:steps=20", "square"); default
             `default_attack()`: APGD-CE, or a scheduled PGD with restarts without pyautoattack.
-        score: "bpda" (attack through straight-through gradients), "plain", or "worst" (an example counts
-            as robust only if it survives both).
+        score: "adaptive" (default: an example counts as robust only if it survives every column of
+            `fxsparse.evaluate`: as is, identity BPDA, smooth and annealed surrogates, transfer from alpha 0;
+            later columns attack the survivors only), or one column for comparison: "bpda" (identity
+            straight-through), "plain", "smooth", "transfer", or "worst" (as is and BPDA, the old default's
+            pair).
         max_clean_drop: the largest clean-accuracy loss (a fraction: 0.01 is one point) against alpha = 0.
         strategy: "grid", or "refine" (then bisect around the best grid alpha `rounds` times, and extend the
             grid upward while the best alpha is its largest).
@@ -277,8 +284,9 @@ def search_alpha(
             report = evaluate(model, batches, eps=eps, norm=norm, attacks=["clean", attack], modes=SCORES[score],
                               seed=seed, progress=progress, bounds=bounds, logits=logits)
             clean_result = report["clean"]
-            clean_correct = clean_result.correct.get("plain", clean_result.correct.get("bpda"))
-            robust_correct = torch.stack([report.results[1].correct[m] for m in SCORES[score]]).all(0)
+            clean_correct = next(iter(clean_result.correct.values()))  # every column of "clean" is one run
+            columns = report.results[1].correct
+            robust_correct = torch.stack([columns[m] for m in SCORES[score] if m in columns]).all(0)
             replay.record(phase, alpha, clean_correct, robust_correct)
         n = len(robust_correct)
         clean, robust = float(clean_correct.float().mean()), float(robust_correct.float().mean())
