@@ -25,7 +25,7 @@ from torch import nn
 
 from fxsparse.util import model_device, progress_bar
 from fxsparse.robust import attacks as _attacks
-from fxsparse.robust.guards import check_batch, check_budget, check_l2_budget
+from fxsparse.robust.guards import check_batch, check_budget, check_evaluation_data, check_l2_budget
 from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.operators import straight_through
 from fxsparse.calibrate.distributed import failing_together, rank_and_size
@@ -279,6 +279,8 @@ def evaluate(
     except TypeError:
         pass
     heldout = getattr(search, "fingerprints", None)
+    data = check_evaluation_data(model, net, data, batch_size=batch_size, max_examples=max_examples,
+                                 heldout=heldout, device=dev)
     rank, world = rank_and_size()
     resume = None
     if checkpoint is not None:
