@@ -185,6 +185,9 @@ class Evaluation:
         verdict = f"\n{self.comparison.to_markdown()}" if self.comparison is not None else ""
         return "\n".join(lines) + "\n" + note + verdict
 
+    def _repr_markdown_(self) -> str:  # a notebook shows the table
+        return self.to_markdown()
+
 
 def _predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -265,7 +268,7 @@ def evaluate(
     if unknown or not modes:
         raise FxsparseValueError(f"modes must be a non-empty subset of {MODES}, got {tuple(modes)}; choose from "
                                  "'plain' and 'bpda'")
-    check_budget(eps, norm, bounds)
+    norm = check_budget(eps, norm, bounds)  # 'Linf' / 'L2' as AutoAttack writes them, too
     plan = _plan(attacks)
     net = as_classifier(model, logits)
     dev = torch.device(device) if device is not None else model_device(model)

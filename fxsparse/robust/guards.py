@@ -28,11 +28,18 @@ def check_bounds(bounds: Sequence[float]) -> Tuple[float, float]:
     return lo, hi
 
 
-def check_budget(eps: float, norm: str, bounds: Sequence[float]) -> None:
+def canonical_norm(norm: str) -> str:
+    """'linf' or 'l2', from fxsparse's spelling or AutoAttack's and RobustBench's ('Linf', 'L2')."""
+    key = norm.lower() if isinstance(norm, str) else norm
+    if key not in NORMS:
+        raise FxsparseValueError(f"norm must be 'linf' or 'l2' (AutoAttack's 'Linf' / 'L2' also), got {norm!r}")
+    return key
+
+
+def check_budget(eps: float, norm: str, bounds: Sequence[float]) -> str:
     """eps and norm before any data: a finite eps >= 0, a known norm, and an L-inf eps that is a perturbation,
-    not a rescaling of the image."""
-    if norm not in NORMS:
-        raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    not a rescaling of the image. Returns the norm as fxsparse spells it."""
+    norm = canonical_norm(norm)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise FxsparseValueError(f"eps must be a finite number >= 0, got {eps!r}")
     lo, hi = check_bounds(bounds)
@@ -43,6 +50,7 @@ def check_budget(eps: float, norm: str, bounds: Sequence[float]) -> None:
             f"L-inf eps={eps:g} is {eps / width * 255:.0f}/255 of the input range [{lo:g}, {hi:g}]: the attack "
             f"could repaint the image. Did you mean {meant}? eps is in input units (images in [0, 1]); budgets "
             f"above 64/255 of the range are refused")
+    return norm
 
 
 def check_l2_budget(eps: float, x: torch.Tensor, bounds: Sequence[float]) -> None:

@@ -254,7 +254,7 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--attacks", nargs="+", default=["clean", "pgd", "square"], metavar="ATTACK",
                     help=f"attacks with options, e.g. pgd:steps=50 square:queries=500; known: {', '.join(ATTACKS)}")
     ev.add_argument("--eps", type=float, default=0.1, help="perturbation budget on [0, 1] inputs (default 0.1)")
-    ev.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    ev.add_argument("--norm", type=str.lower, choices=("linf", "l2"), default="linf", help="linf or l2 (Linf, L2 too)")
     ev.add_argument("--alpha", type=float, default=0.2, help="alpha when not searching (default 0.2)")
     ev.add_argument("--search", action="store_true", help="choose alpha on the validation split")
     ev.add_argument("--search-attack", default=None,
