@@ -213,6 +213,9 @@ class _OnePass:
 
 def _first_batch(data: Iterable):
     """(the first batch, the data to calibrate on): `data` is iterated once for both."""
+    if isinstance(data, torch.Tensor):  # iterating it would give single examples, without the batch dimension
+        raise FxsparseTypeError(f"calibration data is one tensor of shape {tuple(data.shape)}: wrap it in a list "
+                                "([x], one batch) or give a DataLoader; an iterable of batches is expected")
     iterator = iter(data)
     try:
         first = next(iterator)

@@ -131,6 +131,9 @@ class Audit(List[SiteRecord]):
                 g.add_edge(inp.name, node.name)
         return g
 
+    def _repr_markdown_(self) -> str:  # a notebook shows the table
+        return self.to_markdown()
+
 
 def audit(model: nn.Module) -> Audit:
     """One record per MeanSparse site of `model`, in graph order."""

@@ -52,6 +52,12 @@ class Normalized(nn.Module):
         self.register_buffer("std", std.view(1, -1, 1, 1))
 
     def forward(self, x, *args, **kwargs):
+        channels = self.mean.numel() if self.mean.numel() > 1 else self.std.numel()
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and channels > 1 and x.shape[1] != channels:
+            # a Proxy under FX tracing is no Tensor: the check runs on real (and export's fake) tensors
+            raise FxsparseValueError(f"with_normalization has {channels} channels of mean / std but the input has "
+                                     f"{x.shape[1]} (shape {tuple(x.shape)}): give images with {channels} channels "
+                                     "(grayscale into an RGB model broadcasts silently otherwise)")
         return self.model((x - self.mean) / self.std, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -153,8 +153,22 @@ def _skip_nested(raw):
         yield item
 
 
-def locate(gm: fx.GraphModule, select=None) -> List[Site]:
-    """Every selected activation call of `gm`, in graph order, with unique site names."""
+def check_globs(selection: Selection, candidates: Sequence[Tuple[str, Optional[str]]]) -> None:
+    """Every include / exclude glob the user gave matches some site (by name or module path): a typo would
+    otherwise select nothing, or exclude nothing, without a word (set_alpha refuses the same mistake)."""
+    names = [n for name, path in candidates for n in ((name,) if path in (None, name) else (name, path))]
+    given = [("include", p) for p in selection.include if tuple(selection.include) != ("*",)]
+    given += [("exclude", p) for p in selection.exclude]
+    missed = [f"{key} {p!r}" for key, p in given if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if missed:
+        shown = ", ".join(list(dict.fromkeys(name for name, _ in candidates))[:8]) or "none"
+        raise SelectionError(f"{'; '.join(missed)} matches no site of the model: check the glob against the site "
+                             f"names (fxsparse.audit lists them; first sites: {shown})")
+
+
+def locate(gm: fx.GraphModule, select=None, candidates: Optional[list] = None) -> List[Site]:
+    """Every selected activation call of `gm`, in graph order, with unique site names. `candidates`, when
+    given, receives (name, module path) of every site of a selected kind, before the globs filter them."""
     selection = as_selection(select)
     sites: List[Site] = []
     used = {name for name, _ in gm.named_modules()}
@@ -165,6 +179,8 @@ def locate(gm: fx.GraphModule, select=None) -> List[Site]:
         count = seen.get(path, 0)
         seen[path] = count + 1
         name = free_name(path, lambda n: (n in used and n != path) or f"{n}_meansparse" in used, start=count)
+        if candidates is not None:
+            candidates.append((name, path))
         if not selection.takes_site(name, path):
             continue
         used.add(f"{name}_meansparse")

@@ -38,7 +38,7 @@ from fxsparse.errors import SelectionError
 from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
 from fxsparse.passes.graph import is_norm, walk
 from fxsparse.passes.layout import layout_of
-from fxsparse.passes.locate import Site, as_selection, locate, scoped_name
+from fxsparse.passes.locate import Site, as_selection, check_globs, locate, scoped_name
 from fxsparse.passes.shapes import node_shape
 from fxsparse.passes.vocabulary import ADD_OPS, SCORE_STEP_OPS, SOFTMAX_OPS, op_name
 
@@ -342,7 +342,8 @@ def place(gm: fx.GraphModule, select=None, placement=None) -> List[Site]:
     policies = resolve(placement)
     selection = as_selection(select)
     modules = {name for name, _ in gm.named_modules()}
-    sites = locate(gm, select) if "activations" in policies or "norm_activations" in policies else []
+    candidates: list = []
+    sites = locate(gm, select, candidates) if "activations" in policies or "norm_activations" in policies else []
     if "norm_activations" in policies and "activations" not in policies:
         sites = [s for s in sites if _reads_norm(gm, s)]
         for s in sites:
@@ -353,6 +354,7 @@ def place(gm: fx.GraphModule, select=None, placement=None) -> List[Site]:
         if policy in _ACTIVATION_POLICIES:
             continue
         for site in POLICIES[policy](gm):
+            candidates.append((site.name, site.module_path))
             if not selection.takes_site(site.name, site.module_path):
                 continue
             if site.source in by_source:
@@ -362,6 +364,7 @@ def place(gm: fx.GraphModule, select=None, placement=None) -> List[Site]:
             taken.add(site.name)
             sites.append(site)
             by_source[site.source] = site
+    check_globs(selection, candidates)
     return sites
 
 

@@ -23,7 +23,7 @@ def files(tmp_path_factory):
 
 
 def test_evaluate_markdown(files, capsys):
-    rc = main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+    rc = main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--allow-random-weights", "--calibration", files["train"],
                "--data", files["test"], "--attacks", "clean", "pgd:steps=2", "--alpha", "0.3", "--eps", "0.03"])
     assert rc == 0
     captured = capsys.readouterr()
@@ -35,7 +35,7 @@ def test_evaluate_markdown(files, capsys):
 
 
 def test_evaluate_json_with_search_and_placement(files, capsys):
-    rc = main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+    rc = main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--allow-random-weights", "--calibration", files["train"],
                "--validation", files["val"], "--data", files["test"], "--attacks", "clean", "pgd:steps=1",
                "--search", "--search-attack", "pgd:steps=1", "--alphas", "0", "0.5", "--max-clean-drop", "1",
                "--placement", "residual", "--format", "json", "--no-baseline"])
@@ -51,14 +51,14 @@ def test_evaluate_json_with_search_and_placement(files, capsys):
 
 
 def test_evaluate_errors(files, tmp_path, capsys):
-    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--data", files["test"]]) == 2
+    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--allow-random-weights", "--data", files["test"]]) == 2
     assert "needs calibration data" in capsys.readouterr().err
     bad = tmp_path / "bad.pt"
     torch.save({"images": torch.rand(2, 3, 8, 8)}, bad)
-    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", str(bad),
+    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--allow-random-weights", "--calibration", str(bad),
                  "--data", files["test"]]) == 2
     assert "must hold (x, y) tensors" in capsys.readouterr().err
-    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--allow-random-weights", "--calibration", files["train"],
                  "--data", files["test"], "--attacks", "cw"]) == 2
     assert "unknown attack" in capsys.readouterr().err
 
@@ -67,13 +67,29 @@ def test_evaluate_refuses_pixels_and_budgets_in_the_wrong_units(files, tmp_path,
     x, y = torch.load(files["test"])
     pixels = tmp_path / "pixels.pt"
     torch.save((x * 255, y), pixels)
-    base = ["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+    base = ["evaluate", "timm:test_resnet", "--pretrained", "never", "--allow-random-weights", "--calibration", files["train"],
             "--attacks", "clean"]
     assert main(base + ["--data", str(pixels)]) == 2
     assert "divide the images by 255" in capsys.readouterr().err
     assert main(base + ["--data", files["test"], "--eps", "8"]) == 2
     assert "Did you mean 8/255" in capsys.readouterr().err
 
+
+
+def test_evaluate_refuses_random_weights_unless_told(files, capsys):
+    args = ["evaluate", "timm:test_resnet", "--pretrained", "never", "--calibration", files["train"],
+            "--data", files["test"], "--attacks", "clean"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "random init" in err and "--allow-random-weights" in err and "--data digits" not in err
+
+
+def test_evaluate_refuses_data_the_model_cannot_read(files, tmp_path, capsys):
+    gray = tmp_path / "gray.pt"
+    torch.save((torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))), gray)
+    assert main(["evaluate", "timm:test_resnet", "--pretrained", "never", "--allow-random-weights",
+                 "--calibration", files["train"], "--data", str(gray), "--attacks", "clean", "pgd:steps=1"]) == 2
+    assert "1 channel(s)" in capsys.readouterr().err
 
 @needs_reference_attacks
 @pytest.mark.slow

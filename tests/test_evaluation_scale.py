@@ -76,7 +76,8 @@ class Interrupted(Exception):
 
 
 class StopsOnce:
-    """(x, y) batches; the first pass stops with Interrupted at batch `at`."""
+    """(x, y) batches; the attack pass (the second: evaluate's up-front checks read the data first) of the
+    first run stops with Interrupted at batch `at`."""
 
     def __init__(self, x, y, at, size=5):
         self.batches = [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
@@ -85,7 +86,7 @@ class StopsOnce:
     def __iter__(self):
         self.passes += 1
         for i, batch in enumerate(self.batches):
-            if self.passes == 1 and i == self.at:
+            if self.passes == 2 and i == self.at:
                 raise Interrupted()
             yield batch
 
@@ -108,7 +109,8 @@ def test_interrupted_and_resumed_evaluation_equals_an_uninterrupted_one(tmp_path
     resumed = evaluate(model, data, eps=0.1, attacks=attacks, checkpoint=path)
     starts = [x[i] for i in range(0, 24, 5)]  # the clean first example of each batch
     seen = [sum(torch.equal(f, s) for f in firsts) for s in starts]
-    assert seen[:3] == [0, 0, 0] and all(seen[3:])  # the three saved batches were not run again
+    # the three saved batches were not attacked again (batch 0's first example runs once, in the fit check)
+    assert seen[:3] == [1, 0, 0] and all(seen[3:])
     assert resumed.n == whole.n == 24 and not path.exists()
     for a, b in zip(_outcomes(resumed).items(), _outcomes(whole).items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]

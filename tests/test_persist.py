@@ -1,4 +1,5 @@
 """fxsparse.save / fxsparse.load: exact round trips, refusal of files that do not fit, and no pickle anywhere."""
+import copy
 import json
 import pickle
 import struct
@@ -169,3 +170,19 @@ def test_a_file_in_another_format_version_is_refused_clearly(tmp_path):
         safefile.write(bad, tensors, dict(header, format_version=version))
         with pytest.raises(fxsparse.PersistenceError, match=hint):
             fxsparse.load(model(), bad)
+
+
+def test_load_into_other_weights_refuses_unless_told(tmp_path):
+    x = torch.rand(8, 3, 8, 8)
+    torch.manual_seed(0)
+    base = Small()
+    path = tmp_path / "small.fxsparse"
+    fxsparse.save(fxsparse.sparsify(base, [x], alpha=0.2), path)
+    assert fxsparse.load(base, path) is not None  # the same weights load
+    assert fxsparse.load(copy.deepcopy(base), path) is not None  # a copy of them too
+    torch.manual_seed(1)
+    other = Small()  # same architecture, other weights
+    with pytest.raises(fxsparse.PersistenceError, match="other weights"):
+        fxsparse.load(other, path)
+    gm = fxsparse.load(other, path, weights_may_differ=True)
+    assert len(fxsparse.audit(gm)) == 2

@@ -1,4 +1,5 @@
-"""Plots render to PNG files of the size asked for."""
+"""Plots return a Figure, draw into given axes, write PNG files of the size asked for only given a path,
+and leave matplotlib's backend alone."""
 import pytest
 import torch
 from PIL import Image
@@ -30,13 +31,14 @@ def test_search_plot(tmp_path):
     y = gm(x).argmax(1).detach()
     result = fxsparse.search_alpha(gm, (x, y), eps=0.05, attack="pgd:steps=2", alphas=(0.0, 0.3, 0.6),
                                    max_clean_drop=1.0)
-    path = plot_search(result, tmp_path / "search.png", size=(6, 4))
-    _png(path, (6, 4))
+    plot_search(result, tmp_path / "search.png", size=(6, 4))
+    _png(tmp_path / "search.png", (6, 4))
 
 
 def test_audit_plot(tmp_path):
     gm = fxsparse.sparsify(_model(), [torch.rand(16, 1, 8, 8)], alpha=0.3, progress=False)
-    _png(plot_audit(fxsparse.audit(gm), tmp_path / "audit.png", size=(8, 5)), (8, 5))
+    plot_audit(fxsparse.audit(gm), tmp_path / "audit.png", size=(8, 5))
+    _png(tmp_path / "audit.png", (8, 5))
     with pytest.raises(FxsparseError, match="not calibrated"):
         plot_audit(fxsparse.audit(fxsparse.prepare(_model(), torch.rand(2, 1, 8, 8))), tmp_path / "x.png")
 
@@ -45,3 +47,35 @@ def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_plots_return_a_figure_take_axes_and_leave_the_backend_alone(tmp_path):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    backend = matplotlib.get_backend()
+    x = torch.rand(32, 1, 8, 8)
+    gm = fxsparse.sparsify(_model(), [x], alpha=0.0, progress=False)
+    y = gm(x).argmax(1).detach()
+    result = fxsparse.search_alpha(gm, (x, y), eps=0.05, attack="pgd:steps=1", alphas=(0.0, 0.3),
+                                   max_clean_drop=1.0)
+    before = set(tmp_path.iterdir())
+    fig = result.plot()
+    assert isinstance(fig, Figure) and set(tmp_path.iterdir()) == before  # nothing written without a path
+    mine = Figure()
+    ax = mine.subplots()
+    assert plot_search(result, ax=ax) is mine and ax.lines
+    top, bottom = Figure().subplots(2, 1)
+    assert plot_audit(fxsparse.audit(gm), ax=(top, bottom)) is top.figure
+    assert matplotlib.get_backend() == backend
+
+
+def test_results_render_as_tables_in_a_notebook():
+    x = torch.rand(16, 1, 8, 8)
+    gm = fxsparse.sparsify(_model(), [x], alpha=0.0, progress=False)
+    y = gm(x).argmax(1).detach()
+    result = fxsparse.search_alpha(gm, (x, y), eps=0.05, attack="pgd:steps=1", alphas=(0.0, 0.3),
+                                   max_clean_drop=1.0)
+    report = fxsparse.evaluate(gm, (x, y), eps=0.05, attacks=["clean"])
+    for shown in (result, report, fxsparse.audit(gm)):
+        assert shown._repr_markdown_() == shown.to_markdown() and "|" in shown._repr_markdown_()

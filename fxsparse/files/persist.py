@@ -8,10 +8,16 @@ and the fxsparse and torch versions. `load` re-applies the pass to the model it 
 refuses the file if the sites differ in any way (or if a newer fxsparse wrote it), and copies the state in:
 same model weights in, same outputs out, bit for bit.
 
-Format versions: 1 (selection, placement, input shapes); 2 adds channel_dims and each site's axis_default.
+The header also records a fingerprint of the weights the statistics were calibrated on: statistics are a
+property of those weights, so `load` into the same architecture with other weights (a fine-tuned or
+another checkpoint) refuses unless told `weights_may_differ=True`.
+
+Format versions: 1 (selection, placement, input shapes); 2 adds channel_dims and each site's axis_default
+(and, in later writes, the optional weights fingerprint, absent from older files and then not checked).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from typing import Any, Dict, List, Mapping
@@ -36,6 +42,24 @@ BUFFERS = ("mean", "std", "alpha", "count")
 CHECKED_FIELDS = ("kind", "dim", "channels")
 
 
+
+
+FINGERPRINT_SAMPLES = 1024  # values read per parameter: fine-tuning moves them all, reading them all costs seconds
+
+
+def weights_fingerprint(model: nn.Module):
+    """A hash of the model's parameters (shapes and up to 1024 evenly spaced values each, rounded to bfloat16
+    so that a half-precision copy of the same weights agrees), independent of parameter names and order;
+    None when the weights live on the meta device."""
+    digests = []
+    for p in model.parameters():
+        if p.is_meta:
+            return None
+        flat = p.detach().flatten()
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::step][:FINGERPRINT_SAMPLES].to("cpu", torch.bfloat16).view(torch.int16)
+        digests.append(hashlib.sha256(repr(tuple(p.shape)).encode() + sample.numpy().tobytes()).hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:32]
 
 
 def _selection(saved: Mapping[str, Any]) -> Selection:
@@ -72,6 +96,7 @@ def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
         "fxsparse_version": __version__, "torch_version": torch.__version__,
         "capture_path": getattr(report, "path", None), "prepare": record,
         "sites": [_site(op) for op in meansparse_ops(gm).values()],
+        "weights_fingerprint": weights_fingerprint(gm),
     }
     write(path, tensors, header)
 
@@ -132,11 +157,13 @@ def _restore(ops: Mapping[str, MeanSparse], tensors: Mapping[str, torch.Tensor],
                 op.zscore_estimated = bool(tensors.get(f"{name}/zscore_estimated", torch.tensor(False)))
 
 
-def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
+def load(model: nn.Module, path: "os.PathLike[str] | str", *, weights_may_differ: bool = False) -> fx.GraphModule:
     """Re-apply the pass recorded in `path` to `model` and restore its MeanSparse state; `model` is untouched.
 
-    Raises PersistenceError when the file is unreadable or corrupt, or when its sites differ from the ones
-    the pass finds in `model` (missing or extra sites, other kinds, channel axes or channel counts).
+    Raises PersistenceError when the file is unreadable or corrupt, when its sites differ from the ones
+    the pass finds in `model` (missing or extra sites, other kinds, channel axes or channel counts), or when
+    `model` has other weights than the ones the statistics were calibrated on (`weights_may_differ=True`
+    loads them anyway: the statistics then describe another model's activations).
     """
     if not isinstance(model, nn.Module):
         raise FxsparseTypeError(f"fxsparse.load needs the torch.nn.Module to load into, got {type(model).__name__}")
@@ -178,5 +205,11 @@ def load(model: nn.Module, path: "os.PathLike[str] | str") -> fx.GraphModule:
             f"{path} does not match this model: " + "; ".join(differences)
             + ". It was saved from another architecture, or with another selection or activation registry: load it "
               "into the model it was saved from")
+    saved_print, this_print = header.get("weights_fingerprint"), weights_fingerprint(gm)
+    if saved_print and this_print and saved_print != this_print and not weights_may_differ:
+        raise PersistenceError(
+            f"{path} was calibrated on other weights than this model's (weights fingerprint {saved_print} in the "
+            f"file, {this_print} here): its statistics describe another model's activations. Load it into the "
+            "model it was saved from, calibrate this one again, or pass weights_may_differ=True if it is meant")
     _restore(ops, tensors, path)
     return gm

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsparse.errors import FxsparseValueError, MissingDependencyError
+from fxsparse.robust.guards import canonical_norm
 from fxsparse.robust.outputs import as_classifier, logits_of
 from fxsparse.robust.sharding import per_example_rand, restart_seed
 
@@ -82,8 +83,7 @@ def pgd(
     momentum (with "cosine"): APGD's heavy-ball step, `x + m (z - x) + (1 - m) (x - x_previous)` (0.75 there).
     example_seeds: one seed per example for the random starts (`fxsparse.evaluate` passes them): an example's
     attack then does not depend on the batch or process it is in."""
-    if norm not in ("linf", "l2"):
-        raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    norm = canonical_norm(norm)
     if schedule not in ("constant", "cosine"):
         raise FxsparseValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if not 0.0 <= momentum <= 1.0:
@@ -167,8 +167,7 @@ def _pyautoattack():
 
 
 def _reference_norm(norm: str, bounds: Tuple[float, float]) -> str:
-    if norm not in _NORMS:
-        raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    norm = canonical_norm(norm)
     if tuple(bounds) != (0.0, 1.0):
         raise FxsparseValueError(f"the reference attacks assume inputs in [0, 1], got bounds {tuple(bounds)}: put the "
                             "input normalisation inside the model")

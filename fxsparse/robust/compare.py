@@ -39,8 +39,12 @@ def mcnemar_exact(gained: int, lost: int) -> float:
     if n == 0:
         return 1.0
     k = min(gained, lost)
-    tail = sum(math.comb(n, i) for i in range(k + 1))
-    return min(1.0, 2 * tail / 2 ** n)
+    # the binomial(n, 1/2) tail in log space (log-sum-exp over lgamma terms): milliseconds at n = 50,000,
+    # where the exact integer sum takes seconds
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in range(k + 1)]
+    top = max(logs)
+    log_tail = top + math.log(math.fsum(math.exp(v - top) for v in logs)) - n * math.log(2)
+    return min(1.0, 2 * math.exp(log_tail))
 
 
 def verdict(difference: float, p_value: float, level: float = LEVEL) -> str:

@@ -37,7 +37,7 @@ from torch import nn
 
 from fxsparse.util import model_device, progress_bar
 from fxsparse.robust import attacks as _attacks
-from fxsparse.robust.guards import check_batch, check_budget, check_l2_budget
+from fxsparse.robust.guards import check_batch, check_budget, check_evaluation_data, check_l2_budget
 from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.operators import straight_through
 from fxsparse.surrogates import Surrogate, parse_surrogate
@@ -259,6 +259,9 @@ class Evaluation:
         columns = list(r.correct.values())
         return float(torch.stack(columns).all(0).float().mean()) if columns and len(columns[0]) else None
 
+    def _repr_markdown_(self) -> str:  # a notebook shows the table
+        return self.to_markdown()
+
 
 def _predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -356,7 +359,7 @@ def evaluate(
     if unknown or not modes:
         raise FxsparseValueError(f"modes must be a non-empty subset of {MODES}, got {tuple(modes)}")
     modes = tuple(m for m in MODES if m in modes)  # the run order: cheap full columns first
-    check_budget(eps, norm, bounds)
+    norm = check_budget(eps, norm, bounds)  # 'Linf' / 'L2' as AutoAttack writes them, too
     plan = _plan(attacks)
     net = as_classifier(model, logits)
     source = None if transfer_from is None else as_classifier(transfer_from, logits)
@@ -376,6 +379,8 @@ def evaluate(
     except TypeError:
         pass
     heldout = getattr(search, "fingerprints", None)
+    data = check_evaluation_data(model, net, data, batch_size=batch_size, max_examples=max_examples,
+                                 heldout=heldout, device=dev)
     rank, world = rank_and_size()
     resume = None
     if checkpoint is not None:

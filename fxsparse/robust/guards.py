@@ -28,11 +28,18 @@ def check_bounds(bounds: Sequence[float]) -> Tuple[float, float]:
     return lo, hi
 
 
-def check_budget(eps: float, norm: str, bounds: Sequence[float]) -> None:
+def canonical_norm(norm: str) -> str:
+    """'linf' or 'l2', from fxsparse's spelling or AutoAttack's and RobustBench's ('Linf', 'L2')."""
+    key = norm.lower() if isinstance(norm, str) else norm
+    if key not in NORMS:
+        raise FxsparseValueError(f"norm must be 'linf' or 'l2' (AutoAttack's 'Linf' / 'L2' also), got {norm!r}")
+    return key
+
+
+def check_budget(eps: float, norm: str, bounds: Sequence[float]) -> str:
     """eps and norm before any data: a finite eps >= 0, a known norm, and an L-inf eps that is a perturbation,
-    not a rescaling of the image."""
-    if norm not in NORMS:
-        raise FxsparseValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    not a rescaling of the image. Returns the norm as fxsparse spells it."""
+    norm = canonical_norm(norm)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise FxsparseValueError(f"eps must be a finite number >= 0, got {eps!r}")
     lo, hi = check_bounds(bounds)
@@ -43,6 +50,7 @@ def check_budget(eps: float, norm: str, bounds: Sequence[float]) -> None:
             f"L-inf eps={eps:g} is {eps / width * 255:.0f}/255 of the input range [{lo:g}, {hi:g}]: the attack "
             f"could repaint the image. Did you mean {meant}? eps is in input units (images in [0, 1]); budgets "
             f"above 64/255 of the range are refused")
+    return norm
 
 
 def check_l2_budget(eps: float, x: torch.Tensor, bounds: Sequence[float]) -> None:
@@ -84,3 +92,98 @@ def check_batch(x: torch.Tensor, bounds: Sequence[float], index: int) -> None:
     raise InputRangeError(f"evaluation batch {index} holds values in [{low:.4g}, {high:.4g}], outside the attack "
                           f"bounds [{lo:g}, {hi:g}]: the attacks would clip the images and the accuracies would be "
                           f"wrong. The data {why}")
+
+
+def input_channels(model: torch.nn.Module):
+    """The channels the model's first convolution reads (graph order for a GraphModule), or None."""
+    from torch.nn.modules.conv import _ConvNd
+
+    if isinstance(model, torch.fx.GraphModule):
+        modules = dict(model.named_modules())
+        for node in model.graph.nodes:
+            if node.op == "call_module" and isinstance(modules.get(node.target), _ConvNd):
+                return modules[node.target].in_channels
+        return None
+    return next((m.in_channels for m in model.modules() if isinstance(m, _ConvNd)), None)
+
+
+def check_fits(model: torch.nn.Module, net, x: torch.Tensor, device) -> int:
+    """The number of classes the model scores, from one forward on one example; data whose channels or size
+    cannot fit the model (8x8 grayscale digits into an ImageNet model) is refused before any attack."""
+    from fxsparse.errors import FxsparseError
+
+    channels = input_channels(model)
+    if channels is not None and x.dim() >= 3 and x.shape[1] != channels:
+        raise FxsparseValueError(
+            f"the data has {x.shape[1]} channel(s) (batches of shape {tuple(x.shape)}) but the model's first "
+            f"convolution reads {channels}: give data the model was made for (grayscale into an RGB model: "
+            "x.expand(-1, 3, -1, -1) only if that is what you mean)")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = net(x[:1].to(device))
+    except FxsparseError:
+        raise
+    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
+        raise FxsparseValueError(
+            f"examples of shape {tuple(x.shape[1:])} do not fit the model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): give data of the size and channels the model "
+            "was made for") from None
+    finally:
+        model.train(was_training)
+    return int(out.shape[-1])
+
+
+def check_labels(x: torch.Tensor, y: torch.Tensor, classes: int, index: int) -> None:
+    """Labels are 1-D integer class indices in [0, classes), one per example."""
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise FxsparseTypeError(f"evaluation batch {index} has {y.dtype} labels: labels must be integer class indices "
+                                "(convert with y.long(); one-hot labels: y.argmax(1))")
+    if y.dim() != 1:
+        raise FxsparseValueError(f"evaluation batch {index} has labels of shape {tuple(y.shape)}: labels must be one "
+                                 "class index per example, a 1-D tensor (one-hot labels: y.argmax(1))")
+    if len(x) != len(y):
+        raise FxsparseValueError(f"evaluation batch {index} has {len(x)} inputs and {len(y)} labels: give one "
+                                 "label per input")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise FxsparseValueError(f"evaluation batch {index} has labels in [{int(y.min())}, {int(y.max())}] but the "
+                                 f"model scores {classes} classes: labels must lie in [0, {classes - 1}] (the "
+                                 "model and the data's classes must match)")
+
+
+def check_evaluation_data(model: torch.nn.Module, net, data, *, batch_size: int, max_examples, heldout, device):
+    """Everything `evaluate` checks before its first attack, in one pass over the data: examples there at all,
+    labels (dtype, shape, range against the model's outputs), x / y lengths, data that fits the model, and the
+    examples shared with the search's validation data (counted over the whole data). A one-shot iterator is
+    read into a list, which is returned in its place."""
+    from fxsparse.robust.evaluation import iter_batches
+    from fxsparse.robust.sharding import example_fingerprints
+
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise FxsparseValueError(f"max_examples must be a positive number of examples or None, got {max_examples!r}")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
+            and data[0].dim() > data[1].dim() and len(data[0]) != len(data[1]):
+        raise FxsparseValueError(f"the data has {len(data[0])} inputs and {len(data[1])} labels: give one label per "
+                                 "input")
+    if not isinstance(data, (tuple, list)) and iter(data) is data:  # a generator: read once, here
+        data = list(data)
+    classes, n, shared = None, 0, 0
+    for index, (x, y) in enumerate(iter_batches(data, batch_size, max_examples)):
+        if classes is None and isinstance(x, torch.Tensor) and x.is_floating_point():
+            classes = check_fits(model, net, x, device)
+        if classes is not None:
+            check_labels(x, y, classes, index)
+        if heldout:
+            shared += sum(f in heldout for f in example_fingerprints(x, y))
+        n += len(x)
+    from fxsparse.calibrate.distributed import rank_and_size
+
+    if n == 0 and rank_and_size()[1] == 1:  # under torch.distributed a rank's shard may be empty
+        raise FxsparseValueError("the evaluation data holds no examples (empty data, or max_examples cut it to "
+                                 "none): give at least one (x, y) example")
+    if shared:
+        raise FxsparseValueError(f"the evaluation data shares {shared} example(s) with the validation data "
+                                 "search_alpha chose alpha on; evaluate on a held-out test split")
+    return data

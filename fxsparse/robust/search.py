@@ -118,9 +118,9 @@ class SearchResult:
     def gain(self) -> bool:
         return self.verdict != NO_GAIN
 
-    def plot(self, path, **options) -> str:
-        """A PNG of clean and robust validation accuracy against alpha, with intervals and the chosen alpha
-        marked (matplotlib, the `plot` extra): fxsparse/robust/plots.py."""
+    def plot(self, path=None, **options):
+        """A matplotlib Figure of clean and robust validation accuracy against alpha, with intervals and the
+        chosen alpha marked (the `plot` extra), written to `path` when given: fxsparse/robust/plots.py."""
         from fxsparse.robust.plots import plot_search
 
         return plot_search(self, path, **options)
@@ -162,6 +162,9 @@ class SearchResult:
         if isinstance(self.alpha, float):
             return self.alpha
         return {stage: self.alpha[sites[0]] for stage, sites in self.stages.items()}
+
+    def _repr_markdown_(self) -> str:  # a notebook shows the table
+        return self.to_markdown()
 
 
 def _pct_ci(p: float, ci: Tuple[float, float]) -> str:
@@ -258,7 +261,7 @@ def search_alpha(
         raise SelectionError(f"alphas must be numbers, got {alphas!r}") from None
     if any(a < 0 or not math.isfinite(a) for a in grid):
         raise SelectionError(f"alphas must be finite and >= 0, got {list(alphas)}")
-    check_budget(eps, norm, bounds)
+    norm = check_budget(eps, norm, bounds)  # 'Linf' / 'L2' as AutoAttack writes them, too
     ops = meansparse_ops(model)
     if not ops:
         raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")

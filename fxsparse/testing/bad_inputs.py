@@ -137,6 +137,28 @@ def _evaluate(model, data=None, **options):
     return fxsparse.evaluate(model, (IMAGES, Y) if data is None else data, **options)
 
 
+class _FixedSize(nn.Module):
+    """A model that asserts its input size, as a ViT's patch embedding does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        assert x.shape[-1] == 6, "input size must be 6"
+        return self.model(x)
+
+
+class _Heldout:
+    """A search result whose validation data is IMAGES / Y."""
+
+    @property
+    def fingerprints(self):
+        from fxsparse.robust.sharding import example_fingerprints
+
+        return set(example_fingerprints(IMAGES, Y))
+
+
 class _Named(nn.Module):
     """The model's scores inside an object no reader knows."""
 
@@ -149,7 +171,7 @@ class _Named(nn.Module):
 
 
 def _nothing_selected(model, folder):
-    return fxsparse.prepare(model, X, select={"include": ["no.such.layer"]})
+    return fxsparse.prepare(model, X, select={"kinds": ["silu"]})  # a kind the model does not use
 
 
 BAD_INPUTS = [
@@ -266,6 +288,32 @@ BAD_INPUTS = [
     BadInput("compare evaluations of different data", lambda m, d: fxsparse.compare(
         _evaluate(m), _evaluate(m, data=(IMAGES[:2], Y[:2]))), fxsparse.FxsparseValueError),
     BadInput("compare something else", lambda m, d: fxsparse.compare(_evaluate(m), {"clean": 0.9}),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("evaluate on empty data", lambda m, d: _evaluate(m, data=[]), fxsparse.FxsparseValueError),
+    BadInput("evaluate with max_examples=0", lambda m, d: _evaluate(m, max_examples=0), fxsparse.FxsparseValueError),
+    BadInput("evaluate with labels beyond the model's classes", lambda m, d: _evaluate(m, data=(IMAGES, Y + 5)),
+             fxsparse.FxsparseValueError),
+    BadInput("evaluate with negative labels", lambda m, d: _evaluate(m, data=(IMAGES, Y - 1)),
+             fxsparse.FxsparseValueError),
+    BadInput("evaluate with float labels", lambda m, d: _evaluate(m, data=[(IMAGES, Y.float())]),
+             fxsparse.FxsparseTypeError, TypeError),
+    BadInput("evaluate with one-hot labels", lambda m, d: _evaluate(
+        m, data=[(IMAGES, torch.nn.functional.one_hot(Y, 5))]), fxsparse.FxsparseValueError),
+    BadInput("evaluate with more inputs than labels", lambda m, d: _evaluate(m, data=(IMAGES, Y[:3])),
+             fxsparse.FxsparseValueError),
+    BadInput("evaluate on grayscale data for an RGB model", lambda m, d: _evaluate(m, data=(IMAGES[:, :1], Y)),
+             fxsparse.FxsparseValueError),
+    BadInput("evaluate on data of a size the model cannot read", lambda m, d: _evaluate(
+        _FixedSize(m), data=(IMAGES[..., :4, :4], Y)), fxsparse.FxsparseValueError),
+    BadInput("evaluate on the search's validation data", lambda m, d: _evaluate(
+        m, data=[(IMAGES[:2], Y[:2]), (IMAGES[2:], Y[2:])], search=_Heldout()), fxsparse.FxsparseValueError),
+    BadInput("grayscale data through an RGB with_normalization", lambda m, d: fxsparse.with_normalization(
+        m, (0.5,) * 3, (0.25,) * 3)(IMAGES[:, :1]), fxsparse.FxsparseValueError),
+    BadInput("an exclude glob that matches no site", lambda m, d: fxsparse.prepare(
+        m, X, select={"exclude": ["convv*"]}), fxsparse.SelectionError),
+    BadInput("an include glob that matches no site", lambda m, d: fxsparse.prepare(
+        m, X, select={"include": ["no.such.layer"]}), fxsparse.SelectionError),
+    BadInput("a tensor passed as the calibration loader", lambda m, d: fxsparse.sparsify(m, X),
              fxsparse.FxsparseTypeError, TypeError),
     BadInput("with_normalization with a std of 0", lambda m, d: fxsparse.with_normalization(m, (0.5,) * 3, (0,) * 3),
              fxsparse.FxsparseValueError),

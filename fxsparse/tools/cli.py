@@ -128,10 +128,16 @@ def _evaluation_setup(args, rank: int, world: int):
             model = demo.trained_model(digits, config, log=log)
         library, name = "digits", "digits"
     else:
-        model, _ = load_model(args.model, pretrained=args.pretrained, device=args.device or "cpu")
+        model, note = load_model(args.model, pretrained=args.pretrained, device=args.device or "cpu")
         library, name = resolve(args.model)
         if args.weights:
             data.load_weights(model, args.weights)
+        elif "random init" in note:
+            if not args.allow_random_weights:
+                raise FxsparseValueError(
+                    f"{note}: the accuracies of a random model mean nothing. Give --weights FILE, put the "
+                    "pretrained weights in the local cache, or pass --allow-random-weights to evaluate it anyway")
+            log(f"fxsparse: {note}: --allow-random-weights given, the numbers below measure an untrained model")
     transform = None
     if any(str(p).startswith(data.IMAGEFOLDER) for p in (args.data, args.calibration, args.validation) if p):
         transform = data.unnormalized_transform(model, library, name)
@@ -147,9 +153,10 @@ def _evaluation_setup(args, rank: int, world: int):
     missing = [k for k in ("calibration", "test") if k not in splits] + (
         ["validation"] if args.search and "validation" not in splits else [])
     if missing:
-        raise FxsparseValueError(f"fxsparse evaluate needs {' and '.join(missing)} data: give --data digits, or "
+        digits_hint = "give --data digits, or " if args.model == "digits" else ""
+        raise FxsparseValueError(f"fxsparse evaluate needs {' and '.join(missing)} data: {digits_hint}give "
                                  "--calibration, --validation (for --search) and --data as .pt files or "
-                                 "imagefolder:DIR")
+                                 "imagefolder:DIR, images the model was made for")
     return model.eval(), {k: data.shard(v, rank, world) for k, v in splits.items()}
 
 
@@ -247,7 +254,7 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--attacks", nargs="+", default=["clean", "pgd", "square"], metavar="ATTACK",
                     help=f"attacks with options, e.g. pgd:steps=50 square:queries=500; known: {', '.join(ATTACKS)}")
     ev.add_argument("--eps", type=float, default=0.1, help="perturbation budget on [0, 1] inputs (default 0.1)")
-    ev.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    ev.add_argument("--norm", type=str.lower, choices=("linf", "l2"), default="linf", help="linf or l2 (Linf, L2 too)")
     ev.add_argument("--alpha", type=float, default=0.2, help="alpha when not searching (default 0.2)")
     ev.add_argument("--search", action="store_true", help="choose alpha on the validation split")
     ev.add_argument("--search-attack", default=None,
@@ -267,6 +274,9 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--width", type=int, default=32, help="digits model: width")
     ev.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     ev.add_argument("--pretrained", choices=("auto", "never"), default="auto")
+    ev.add_argument("--allow-random-weights", action="store_true",
+                    help="evaluate a model without weights (random init) anyway; refused otherwise, since its "
+                         "accuracies mean nothing")
     ev.add_argument("--normalization", choices=("auto", "none"), default="auto",
                     help="auto: put the model's input normalisation (timm pretrained_cfg, torchvision weights) "
                          "inside it, so data files hold [0, 1] images; none: the model takes them as they are")
