@@ -5,18 +5,23 @@ from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
 
     op         fxsparse/ops.py             the MeanSparse operator (buffers mean, std, alpha; derived lo, hi)
                fxsparse/fused.py           the opt-in fused eager kernel (set_eager_kernel)
-    capture    fxsparse/capture/           nn.Module -> eval-mode GraphModule with every activation visible
-                                           (FX, or torch.export as fallback); shapes by fake-tensor
-                                           propagation (passes/shapes.py)
+    capture    fxsparse/capture/           nn.Module -> eval-mode GraphModule with every activation visible:
+                                           the fallback policy in __init__; tracer.py (FX), export.py
+                                           (torch.export, time limit), quiet.py, guard.py (InputGuard);
+                                           shapes by fake-tensor propagation (passes/shapes.py)
     locate     passes/locate.py            activation calls of every kind (passes/kinds.py) and composite
                                            ones (passes/composites.py), selected
     place      passes/placement.py         policies beyond "before every activation": residual joins, MLP
                                            outputs, presets for ConvNeXt and Swin
-    layout     passes/layout.py            every tensor's channel axis (or unknown), one forward pass
+    layout     passes/layout.py            every tensor's channel axis (or unknown), one forward pass, rules
+                                           in a dispatch table; op names and their tables in
+                                           passes/vocabulary.py, graph predicates and the walk in
+                                           passes/graph.py; a site's axis and channel_dims in passes/sites.py
     splice     passes/splice.py            a MeanSparse before each site, on the channel axis the layout
                                            proves (LayoutWarning where it cannot); private inputs
                                            (passes/private_inputs.py)
-    prepare    fxsparse/api.py             capture + place + splice; sparsify = prepare + calibrate + alpha
+    prepare    fxsparse/api.py             capture + layout + place + splice; sparsify = prepare + calibrate
+                                           + alpha
     calibrate  fxsparse/calibrate/         exact per-channel mean/std of each site's input over data
                                            (stats.py: the one formula; checkpoint.py; distributed.py: across
                                            processes; compiled.py: as one compiled program; diagnose.py:
@@ -40,7 +45,8 @@ Around the pipeline, one subpackage per concern:
                          the demo, model names (zoo), the run-time coverage oracle
     fxsparse/testing/    models and bad inputs shared by the test suite and the benchmarks
 
-Graph meta keys live in fxsparse/_meta.py; helpers shared across layers in fxsparse/util.py.
+Graph meta keys live in fxsparse/_meta.py; every switch and FXSPARSE_* variable in fxsparse/config.py;
+helpers shared across layers in fxsparse/util.py.
 """
 from __future__ import annotations
 

@@ -28,39 +28,66 @@ def _check_alpha(value, where: str) -> float:
     return a
 
 
-def _resolve(ops: Mapping[str, MeanSparse], key: str):
-    """Sites named by `key`: a site name, an operator's module name, or a glob over site names."""
-    if key in ops:
-        return [ops[key]]
+def _resolve(groups: Mapping[str, list], key: str, missing_ok: bool = False) -> list:
+    """Operators of the sites named by `key`: a site name, an operator's module name, or a glob over site
+    names (`missing_ok`: none, for a backend whose later graphs may hold the site)."""
     stripped = key[: -len("_meansparse")] if key.endswith("_meansparse") else key
-    if stripped in ops:
-        return [ops[stripped]]
+    for name in (key, stripped):
+        if name in groups:
+            return list(groups[name])
     if any(c in key for c in "*?["):
-        hits = [op for name, op in ops.items() if fnmatch.fnmatchcase(name, key)]
+        hits = [op for name, ops in groups.items() if fnmatch.fnmatchcase(name, key) for op in ops]
         if hits:
             return hits
-    close = [n for n in ops if key.split(".")[0] in n][:5]
+    if missing_ok:
+        return []
+    close = [n for n in groups if key.split(".")[0] in n][:5]
     raise SelectionError(f"no site named {key!r}" + (f"; similar: {close}" if close else "")
                          + "; fxsparse.audit(gm) lists the site names")
 
 
-def set_alpha(model: nn.Module, alpha: Union[float, Mapping[str, float]]) -> nn.Module:
+def alpha_for_site(alpha: Union[float, Mapping[str, float]], site: str, default: float = 0.0) -> float:
+    """The alpha that `set_alpha(model, alpha)` gives `site` (a site it does not name: `default`)."""
+    if not isinstance(alpha, Mapping):
+        return _check_alpha(alpha, "every site")
+    value = default
+    for key, a in alpha.items():  # later keys win, as in set_alpha
+        stripped = key[: -len("_meansparse")] if key.endswith("_meansparse") else key
+        if site in (key, stripped) or any(c in key for c in "*?[") and fnmatch.fnmatchcase(site, key):
+            value = _check_alpha(a, repr(key))
+    return value
+
+
+def _operator_groups(model) -> "tuple[dict, bool]":
+    """{site: [operators]} and whether `model` is a compile backend (fxsparse.backend(...): every graph it
+    compiled; duck-typed, the compile layer sits above this one)."""
+    groups = getattr(model, "operator_groups", None)
+    if callable(groups) and not isinstance(model, nn.Module):
+        return groups(), True
+    if not isinstance(model, nn.Module):
+        raise SelectionError(f"set_alpha takes a prepared model or a fxsparse.backend, got {type(model).__name__}")
+    return {site: [op] for site, op in meansparse_ops(model).items()}, False
+
+
+def set_alpha(model, alpha: Union[float, Mapping[str, float]]):
     """Set alpha for every site (a float) or per site ({site name or glob: float}, later keys win).
 
+    `model` is a prepared model or a `fxsparse.backend(stats)`: there alpha changes the operators of every
+    graph compiled so far (a float: the calibrated ones) and is kept for the graphs it compiles later.
     Alpha is a buffer changed in place, so a compiled model picks it up without recompiling.
     """
-    ops = meansparse_ops(model)
-    if not ops and not (isinstance(model, fx.GraphModule) and PREPARE_META in model.meta):
+    groups, is_backend = _operator_groups(model)
+    if not groups and not is_backend and not (isinstance(model, fx.GraphModule) and PREPARE_META in model.meta):
         raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")
     if isinstance(alpha, Mapping):
         plan = []
         for key, value in alpha.items():
             a = _check_alpha(value, repr(key))
-            plan.extend((op, a) for op in _resolve(ops, key))
+            plan.extend((op, a) for op in _resolve(groups, key, missing_ok=is_backend))
     else:
         a = _check_alpha(alpha, "every site")
-        plan = [(op, a) for op in ops.values()]
-        if not ops:
+        plan = [(op, a) for ops in groups.values() for op in ops if not is_backend or op.calibrated]
+        if not groups and not is_backend:
             warnings.warn(NoActivationWarning("the model has no MeanSparse operators (fxsparse.prepare found no "
                                               "selected activation); alpha changes nothing"), stacklevel=2)
     uncalibrated = [op.site for op, a in plan if a > 0 and not op.calibrated]
@@ -71,6 +98,8 @@ def set_alpha(model: nn.Module, alpha: Union[float, Mapping[str, float]]) -> nn.
         for op, a in plan:
             op.alpha.fill_(a)
             op.refresh_bounds()
+    if is_backend:
+        model.alpha = dict(alpha) if isinstance(alpha, Mapping) else a  # for the graphs it compiles later
     return model
 
 

@@ -121,6 +121,33 @@ def test_backend_calibrates_and_sparsifies_a_model_no_capture_path_handles():
     assert counter.calls == compiled_graphs >= 2  # graph breaks: several graphs, none recompiled for alpha
 
 
+def test_fxsparse_set_alpha_takes_the_backend_validates_and_resolves_globs():
+    """One set_alpha (fxsparse/operators.py) for prepared models and the backend: per-site globs, checked
+    values and names, and the alpha kept for graphs compiled later."""
+    torch.manual_seed(0)
+    model = Branchy().eval().double()
+    data = [torch.randn(4, 3, 8, 8, dtype=torch.float64) for _ in range(2)]
+    calib, _ = _calibrating_backend(model, data)
+    stats = calib.statistics()
+    with pytest.raises(fxsparse.CalibrationError, match="calibrating"):
+        fxsparse.set_alpha(calib, 0.2)
+    be = fxsparse.backend(stats, alpha=0.0)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=be)
+    x = data[0]
+    with torch.no_grad():
+        fast(x)
+        fxsparse.set_alpha(be, {"act*": 0.6})  # a glob: the backend's own set_alpha matched exact names only
+        untouched = {"mean": stats["gelu"]["mean"], "std": torch.zeros_like(stats["gelu"]["std"])}  # alpha 0
+        expected = _reference(model, {"act1": stats["act1"], "gelu": untouched}, 0.6, x.clone())
+        torch.testing.assert_close(fast(x), expected, rtol=1e-9, atol=1e-9)
+        assert {site: float(op.alpha) for site, ops in be.operator_groups().items() for op in ops} == {
+            "act1": 0.6, "gelu": 0.0}
+    with pytest.raises(fxsparse.SelectionError, match=">= 0"):
+        fxsparse.set_alpha(be, -1.0)
+    assert be.alpha == {"act*": 0.6}  # what later graphs get
+
+
 class TwiceAcrossABreak(nn.Module):
     """One activation module called twice, with a graph break between the calls and different inputs."""
 

@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from fxsparse.calibrate.stats import ChannelStats
 from fxsparse.capture.export import annotate_module_paths
+from fxsparse.operators import alpha_for_site, set_alpha
 from fxsparse.util import free_name
 from fxsparse.errors import BackendError, CalibrationError, FxsparseError, SelectionError
 from fxsparse.ops import MeanSparse, mean_sparse_bounds, meansparse_ops
@@ -242,9 +243,7 @@ class MeanSparseBackend:
             op.refresh_bounds()
 
     def _alpha_for(self, site: str) -> float:
-        if isinstance(self.alpha, Mapping):
-            return float(self.alpha.get(site, 0.0))
-        return float(self.alpha)
+        return alpha_for_site(self.alpha, site)
 
     # -- after calibration / while serving ---------------------------------------------------------------
     def statistics(self) -> Statistics:
@@ -259,16 +258,15 @@ class MeanSparseBackend:
                        "count": torch.tensor(float(acc.count), dtype=torch.float64)}
                 for site, acc in self._accumulators.items()}
 
-    def set_alpha(self, alpha) -> None:
-        """Change alpha of every spliced operator in place (no recompile)."""
+    def operator_groups(self) -> Dict[str, List[MeanSparse]]:
+        """The spliced operators of every graph compiled so far, by site (what fxsparse.set_alpha changes)."""
         if self.calibrating:
             raise CalibrationError("this backend is calibrating; build a new one with its statistics")
-        self.alpha = alpha
-        with torch.no_grad():
-            for site, ops in self.ops.items():
-                for op in ops:
-                    op.alpha.fill_(self._alpha_for(site))
-                    op.refresh_bounds()
+        return {site: list(ops) for site, ops in self.ops.items()}
+
+    def set_alpha(self, alpha) -> None:
+        """fxsparse.set_alpha(self, alpha): in place, no recompile; kept for the graphs compiled later."""
+        set_alpha(self, alpha)
 
 
 def backend(stats=None, alpha=0.0, **kwargs) -> MeanSparseBackend:

@@ -486,11 +486,13 @@ def _alpha_zero(model: nn.Module):
         with torch.no_grad():
             for op in ops:
                 op.alpha.zero_()
+                op.refresh_bounds()
         yield model
     finally:
         with torch.no_grad():
             for op, a in zip(ops, saved):
                 op.alpha.copy_(a)
+                op.refresh_bounds()
 
 
 def _craft(model, mode: str, kind: AttackKind, x, y, eps, norm, bounds, seed, options, source):
