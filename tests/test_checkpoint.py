@@ -75,7 +75,7 @@ def test_checkpoint_files_are_written_atomically_and_every_n_batches(tmp_path, m
 
     written = []
     original = safefile.write
-    monkeypatch.setattr(importlib.import_module("fxsparse.calibrate.checkpoint"), "write", lambda path, t, h: (written.append(h["batches_done"]),
+    monkeypatch.setattr(importlib.import_module("fxsparse.files.resume"), "write", lambda path, t, h: (written.append(h["progress"]["batches_done"]),
                                                                          original(path, t, h)))
     fxsparse.calibrate(_prepared(), BATCHES, checkpoint=str(tmp_path / "c"), checkpoint_every=3)
     assert written == [3, 6]  # one pass

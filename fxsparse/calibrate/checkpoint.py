@@ -7,7 +7,8 @@ Resuming skips that many batches of the data and carries on, so the data must be
 (a DataLoader without shuffling, or with a fixed sampler seed). Because batches merge in the same order, an
 interrupted and resumed run gives bit-identical statistics to an uninterrupted one. Under
 `torch.distributed` each rank keeps its own file (`<path>.rank<r>`). The file is deleted when calibration
-finishes.
+finishes. The file itself is the project's one resume file (fxsparse/files/resume.py): its configuration is
+the model's sites and channel counts (and the world size), its progress the phase and batches done.
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from fxsparse.calibrate.distributed import rank_and_size
 from fxsparse.errors import CalibrationError
 from fxsparse.ops import MeanSparse
-from fxsparse.files.safefile import read, write
+from fxsparse.files.resume import ResumeFile
 from fxsparse.calibrate.stats import ChannelStats, ZScoreCounter, ZScoreSketch
 
 FORMAT = "fxsparse-calibration-checkpoint"
@@ -32,24 +32,22 @@ class CalibrationCheckpoint:
     def __init__(self, path: "os.PathLike[str] | str", every: int, ops: Dict[str, MeanSparse]):
         if not isinstance(every, int) or every < 1:
             raise CalibrationError(f"checkpoint_every must be a positive number of batches, got {every!r}")
-        rank, self.world_size = rank_and_size()
-        path = os.fspath(path)
-        self.path = f"{path}.rank{rank}" if self.world_size > 1 else path
         self.every = every
         self.ops = ops
-
-    def _sites(self) -> Dict[str, int]:
-        return {name: op.channels for name, op in self.ops.items()}
+        sites = {name: op.channels for name, op in ops.items()}
+        self.file = ResumeFile(path, "calibration", {"format": FORMAT, "sites": sites}, error=CalibrationError)
+        self.path = self.file.path
 
     def restore(self, stats: Dict[MeanSparse, ChannelStats], counters: Dict[MeanSparse, ZScoreCounter],
                 sketches: Optional[Dict[MeanSparse, ZScoreSketch]] = None) -> Tuple[str, int]:
         """Fill `stats` and `sketches` (in the measure phase, `counters`) from the file; (phase, batches done)."""
-        if not os.path.exists(self.path):
+        tensors, progress = self.file.load()
+        if not progress:
             return PHASES[0], 0
-        tensors, header = read(self.path, "calibration checkpoint")
-        self._check(header)
-        phase = header["phase"]
         try:
+            phase = progress["phase"]
+            if phase not in PHASES:
+                raise ValueError(f"unknown phase {phase!r}")
             for name, op in self.ops.items():
                 if f"{name}/mean" in tensors:
                     # on the device where the batch moments will be computed, so later merges need no copies
@@ -63,25 +61,10 @@ class CalibrationCheckpoint:
                     sketch.center, sketch.scale, sketch.counts = (
                         tensors[f"{name}/sketch_{k}"].to(device) for k in ("center", "scale", "counts"))
                     sketch.total = int(tensors[f"{name}/sketch_total"])
-            return phase, int(header["batches_done"])
+            return phase, int(progress["batches_done"])
         except (KeyError, TypeError, ValueError) as exc:
-            self._refuse(f"is incomplete ({type(exc).__name__}: {exc})")
-
-    def _refuse(self, why: str):
-        raise CalibrationError(f"checkpoint {self.path} {why}; delete it to calibrate from the start")
-
-    def _check(self, header) -> None:
-        if header.get("format") != FORMAT or header.get("phase") not in PHASES:
-            self._refuse("is not a calibration checkpoint of this fxsparse version")
-        if header.get("world_size") != self.world_size:
-            self._refuse(f"was written by {header.get('world_size')} process(es), not {self.world_size}")
-        saved, ours = header.get("sites", {}), self._sites()
-        if saved != ours:
-            missing = sorted(set(ours) - set(saved))
-            extra = sorted(set(saved) - set(ours))
-            channels = sorted(n for n in set(saved) & set(ours) if saved[n] != ours[n])
-            self._refuse(f"belongs to another model (sites missing from it: {missing[:5]}, sites the model lacks: "
-                         f"{extra[:5]}, channel counts differ at: {channels[:5]})")
+            raise CalibrationError(f"checkpoint {self.path} is incomplete ({type(exc).__name__}: {exc}); delete "
+                                   "it to calibrate from the start") from exc
 
     def save(self, phase: str, batches_done: int, stats: Dict[MeanSparse, ChannelStats],
              counters: Optional[Dict[MeanSparse, ZScoreCounter]] = None,
@@ -100,9 +83,7 @@ class CalibrationCheckpoint:
                 tensors.update({f"{name}/sketch_center": sketch.center, f"{name}/sketch_scale": sketch.scale,
                                 f"{name}/sketch_counts": sketch.counts,
                                 f"{name}/sketch_total": torch.tensor(sketch.total, dtype=torch.int64)})
-        header = {"format": FORMAT, "phase": phase, "batches_done": batches_done,
-                  "world_size": self.world_size, "sites": self._sites()}
-        write(self.path, tensors, header)
+        self.file.save(tensors, {"phase": phase, "batches_done": batches_done})
 
     def after_batch(self, phase: str, batches_done: int, stats, counters=None, sketches=None) -> None:
         """Save when `batches_done` is a multiple of `every`."""
@@ -110,5 +91,4 @@ class CalibrationCheckpoint:
             self.save(phase, batches_done, stats, counters, sketches)
 
     def discard(self) -> None:
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        self.file.discard()
