@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -248,3 +248,30 @@ def _several_inputs(names, n: int, got: str) -> str:
     return (f"the model was prepared with {n} inputs{which}, but a calibration batch is {got}, which fxsparse "
             f"reads as one input: give dict batches {{{example}}}, or forward_loop=fn where fn(model) calls the "
             "model on your batches")
+
+
+def iter_batches(data: Any, batch_size: int = 256, max_examples: Optional[int] = None) -> Iterator[Tuple]:
+    """(x, y) batches from an (x, y) pair of tensors, or from an iterable of (x, y) batches (a DataLoader)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
+            and data[0].dim() > data[1].dim():
+        inputs, labels = data
+        source: Iterable = ((inputs[i:i + batch_size], labels[i:i + batch_size])
+                            for i in range(0, len(inputs), batch_size))
+    else:
+        source = data
+    seen = 0
+    for batch in source:
+        if isinstance(batch, Mapping):
+            batch = (batch.get("image", batch.get("input")), batch.get("label", batch.get("target")))
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
+                and isinstance(batch[1], torch.Tensor)):
+            raise FxsparseTypeError(f"evaluation needs (input, label) batches of tensors, got {type(batch).__name__}; "
+                                    "give an (x, y) pair of tensors or a DataLoader of (x, y) batches")
+        x, y = batch[0], batch[1]
+        if max_examples is not None:
+            x, y = x[: max_examples - seen], y[: max_examples - seen]
+        if len(x):
+            yield x, y
+        seen += len(x)
+        if max_examples is not None and seen >= max_examples:
+            return

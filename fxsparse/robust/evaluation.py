@@ -30,13 +30,14 @@ import math
 import os
 import time
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from fxsparse.util import model_device, progress_bar
 from fxsparse.robust import attacks as _attacks
+from fxsparse.inputs import iter_batches
 from fxsparse.robust.guards import check_batch, check_budget, check_evaluation_data, check_l2_budget
 from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.operators import straight_through
@@ -98,33 +99,6 @@ def parse_attack(spec: str) -> Tuple[str, Dict[str, Any]]:
                                      "options as 'pgd:steps=50,restarts=2'")
         options[key.strip()] = _value(text.strip())
     return name, {**ATTACKS[name].defaults, **options}
-
-
-def iter_batches(data: Any, batch_size: int = 256, max_examples: Optional[int] = None) -> Iterator[Tuple]:
-    """(x, y) batches from an (x, y) pair of tensors, or from an iterable of (x, y) batches (a DataLoader)."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
-            and data[0].dim() > data[1].dim():
-        inputs, labels = data
-        source: Iterable = ((inputs[i:i + batch_size], labels[i:i + batch_size])
-                            for i in range(0, len(inputs), batch_size))
-    else:
-        source = data
-    seen = 0
-    for batch in source:
-        if isinstance(batch, Mapping):
-            batch = (batch.get("image", batch.get("input")), batch.get("label", batch.get("target")))
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
-                and isinstance(batch[1], torch.Tensor)):
-            raise FxsparseTypeError(f"evaluation needs (input, label) batches of tensors, got {type(batch).__name__}; "
-                                    "give an (x, y) pair of tensors or a DataLoader of (x, y) batches")
-        x, y = batch[0], batch[1]
-        if max_examples is not None:
-            x, y = x[: max_examples - seen], y[: max_examples - seen]
-        if len(x):
-            yield x, y
-        seen += len(x)
-        if max_examples is not None and seen >= max_examples:
-            return
 
 
 @dataclasses.dataclass

@@ -157,7 +157,7 @@ def check_evaluation_data(model: torch.nn.Module, net, data, *, batch_size: int,
     labels (dtype, shape, range against the model's outputs), x / y lengths, data that fits the model, and the
     examples shared with the search's validation data (counted over the whole data). A one-shot iterator is
     read into a list, which is returned in its place."""
-    from fxsparse.robust.evaluation import iter_batches
+    from fxsparse.inputs import iter_batches
     from fxsparse.robust.sharding import example_fingerprints
 
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)

@@ -41,7 +41,8 @@ from fxsparse.util import progress_bar
 from fxsparse.operators import set_alpha
 from fxsparse.errors import FxsparseValueError, PersistenceError, SearchWarning, SelectionError
 from fxsparse.robust.compare import LEVEL, mcnemar_exact, wilson
-from fxsparse.robust.evaluation import MODES, evaluate, iter_batches, parse_attack
+from fxsparse.inputs import iter_batches
+from fxsparse.robust.evaluation import MODES, evaluate, parse_attack
 from fxsparse.files.resume import ResumeFile
 from fxsparse.robust.sharding import example_fingerprints, gather_strings
 from fxsparse.robust.guards import check_budget

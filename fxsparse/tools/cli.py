@@ -162,7 +162,7 @@ def _evaluation_setup(args, rank: int, world: int):
 
 def _calibration_batches(split, batch_size: int):
     """Calibration batches: a DataLoader as it is (read once, in one pass), tensors cut into batches."""
-    from fxsparse.robust.evaluation import iter_batches
+    from fxsparse.inputs import iter_batches
 
     return list(iter_batches(split, batch_size)) if isinstance(split, tuple) else split
 
