@@ -339,6 +339,7 @@ def evaluate(
     source = None if transfer_from is None else as_classifier(transfer_from, logits)
     dev = torch.device(device) if device is not None else model_device(model)
     operators = len(meansparse_ops(model))
+    live = any(bool(op.alpha != 0) for op in meansparse_ops(model).values())  # alphas are fixed during the run
     results = [AttackResult(name, {k: v for k, v in opts.items()}) for name, opts in plan]
     correct: List[Dict[str, List[torch.Tensor]]] = [{m: [] for m in modes} for _ in plan]
     kept: List[Dict[str, List[torch.Tensor]]] = [{m: [] for m in modes} for _ in plan]
@@ -389,7 +390,8 @@ def evaluate(
                     bar.set_postfix_str(name)
                     _run_one(net, ATTACKS[name], options, x, y, eps, norm, bounds, seed, index * world + rank,
                              modes, operators, result, correct[k], _Columns(survivors_only, source,
-                                                                            kept[k] if keep_adversarial else None))
+                                                                            kept[k] if keep_adversarial else None,
+                                                                            live))
                 bar.update(1)
                 if resume is not None and (index + 1) % checkpoint_every == 0:
                     _save(resume, index + 1, n, results, correct)
@@ -449,6 +451,7 @@ class _Columns:
     survivors_only: bool = True
     source: Optional[nn.Module] = None  # the transfer column's model (None: the model at alpha 0)
     kept: Optional[Dict[str, List[torch.Tensor]]] = None
+    live: bool = True  # some alpha is not 0 (at alpha 0 the operator is the identity: every column is one run)
 
 
 @contextlib.contextmanager
@@ -505,7 +508,7 @@ def _run_one(model, kind: AttackKind, options, x, y, eps, norm, bounds, seed, ba
     (the others count as lost, as they are). Attacks with per-example randomness get one seed per example;
     the others `seed` + the batch's number."""
     columns = columns or _Columns()
-    note = _bpda_note(kind, operators)
+    note = _bpda_note(kind, operators) or ("" if columns.live else "every alpha is 0")
     # a transfer from another model is a real attack even on a model without operators
     real_transfer = columns.source is not None and kind.gradient
     runs = [m for m in modes if not (m != "plain" and note and "plain" in modes)
