@@ -302,8 +302,14 @@ def test_compare_pairs_examples_and_says_when_a_difference_is_noise(data, sparse
     assert (row.gained, row.lost) == (int((~b & a).sum()), int((b & ~a).sum()))
     assert row.difference == pytest.approx(float(a.float().mean() - b.float().mean()))
     assert row.verdict == ("within noise" if row.p_value >= 0.05 else ("better" if row.difference > 0 else "worse"))
-    assert [r.attack for r in after.comparison.rows] == ["clean", "pgd (steps=5)", "pgd (steps=5)",
-                                                         "worst case, every attack"]
+    # every column the sparsified model ran is paired (surrogates and transfer too), then the worst case
+    assert [(r.attack, r.mode) for r in after.comparison.rows] == (
+        [("clean", "plain")] + [("pgd (steps=5)", m) for m in after["pgd"].correct]
+        + [("worst case, every attack", "both")])
+    assert {"smooth", "anneal", "transfer"} <= set(after["pgd"].correct)
+    worst = after.comparison.rows[-1]
+    assert worst.after == pytest.approx(float(torch.stack(
+        [c for r in after.results for c in r.correct.values()]).all(0).float().mean()))
     md = after.to_markdown()
     assert "McNemar p" in md and "within noise" in md or "better" in md or "worse" in md
     assert after.to_dict()["comparison"]["n"] == 48

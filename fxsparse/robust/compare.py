@@ -111,7 +111,8 @@ def label(result) -> str:
 
 
 def _column(result, mode: str) -> Optional[torch.Tensor]:
-    return result.correct.get(mode, result.correct.get("plain" if mode == "bpda" else "bpda"))
+    """The baseline's outcomes for `mode`: a model without operators ran each column as its plain one."""
+    return result.correct.get(mode, result.correct.get("plain"))
 
 
 def _row(attack: str, mode: str, before: torch.Tensor, after: torch.Tensor, level: float) -> PairedRow:
@@ -142,9 +143,9 @@ def compare(before, after, *, level: float = LEVEL) -> Comparison:
         r_before = by_label.get(label(r_after))
         if r_before is None:
             continue
-        for mode in ("plain", "bpda"):
+        for mode in list(r_after.correct):  # every column the sparsified model ran: surrogates and transfer too
             a, b = r_after.correct.get(mode), _column(r_before, mode)
-            if a is None or b is None or (mode == "bpda" and r_after.bpda_note and "plain" in r_after.correct):
+            if a is None or b is None or (mode != "plain" and r_after.bpda_note and "plain" in r_after.correct):
                 continue  # no column, or one that repeats the plain one
             if len(a) != len(b):
                 raise FxsparseValueError(f"{r_after.attack}: {len(b)} outcomes before, {len(a)} after: evaluate "
