@@ -200,7 +200,7 @@ def load(model: nn.Module, path: "os.PathLike[str] | str", *, weights_may_differ
             f"{path} does not match this model: " + "; ".join(differences)
             + ". It was saved from another architecture, or with another selection or activation registry: load it "
               "into the model it was saved from")
-    saved_print, this_print = header.get("weights_fingerprint"), weights_fingerprint(gm)
+    saved_print, this_print = header.get("weights_fingerprint"), weights_fingerprint(_sparsified_part(gm))
     if saved_print and this_print and saved_print != this_print and not weights_may_differ:
         raise PersistenceError(
             f"{path} was calibrated on other weights than this model's (weights fingerprint {saved_print} in the "
