@@ -121,6 +121,10 @@ def test_weights_files_load_with_or_without_wrappers(tmp_path):
         data.load_weights(nn.Sequential(nn.Linear(3, 5)), str(tmp_path / "w.safetensors"))
     with pytest.raises(FxsparseValueError, match="no such file"):
         data.load_weights(model, str(tmp_path / "missing.pth"))
+    ema = {k: v + 1 for k, v in state.items()}  # timm's training checkpoint: EMA weights, torch.compile prefixes
+    torch.save({"model": state, "model_ema": {f"_orig_mod.{k}": v for k, v in ema.items()}}, tmp_path / "timm.pth")
+    data.load_weights(model, str(tmp_path / "timm.pth"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
 
 
 def test_shards_are_contiguous_and_cover_every_example_once():

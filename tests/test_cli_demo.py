@@ -56,7 +56,8 @@ def test_demo_runs_end_to_end_and_caches(tmp_path, monkeypatch):
     lines = []
     result = demo.run(config=config, alphas=(0.0, 0.2), log=lines.append, attack="apgd-ce:steps=5")
     text = "\n".join(lines)
-    assert "BPDA" in text and "| original |" in text and "| sparsified |" in text
+    assert "BPDA" in text and "| original |" in text and "| sparsified (chosen) |" in text
+    assert "| sparsified (alpha forced," in text and "what the operator does" in text  # the operator at work
     search = result["search"]
     assert search.attack == "apgd-ce:steps=5" and search.score == "bpda"  # the library's search, BPDA score
     # a two-point grid: the rule picks 0.2 exactly when its gain over 0 is beyond noise, else 0

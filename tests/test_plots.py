@@ -79,3 +79,18 @@ def test_results_render_as_tables_in_a_notebook():
     report = fxsparse.evaluate(gm, (x, y), eps=0.05, attacks=["clean"])
     for shown in (result, report, fxsparse.audit(gm)):
         assert shown._repr_markdown_() == shown.to_markdown() and "|" in shown._repr_markdown_()
+
+
+def test_robustness_curve_over_eps(tmp_path):
+    from fxsparse.robust.curve import RobustnessCurve
+
+    x = torch.rand(16, 1, 8, 8)
+    gm = fxsparse.sparsify(_model(), [x], alpha=0.2, progress=False)
+    y = gm(x).argmax(1).detach()
+    curve = fxsparse.evaluate(gm, (x, y), eps=[0.0, 0.05, 0.2], attacks=["clean", "pgd:steps=2"])
+    assert isinstance(curve, RobustnessCurve) and curve.eps == [0.0, 0.05, 0.2] and len(curve) == 3
+    single = fxsparse.evaluate(gm, (x, y), eps=0.05, attacks=["clean", "pgd:steps=2"])
+    assert curve[1].worst() == single.worst()  # each point is the single-eps evaluation
+    assert curve.worst()[0] >= curve.worst()[-1] and "| eps |" in curve._repr_markdown_()
+    curve.plot(tmp_path / "curve.png")
+    _png(tmp_path / "curve.png", (7, 4.5))

@@ -329,6 +329,10 @@ def evaluate(
     attacks (APGD, Square, AutoAttack) draw per batch, from `seed`, the batch index and the rank: the same
     world size, batch size and data order give the same result.
     """
+    if isinstance(eps, (list, tuple)):  # a robustness curve: one evaluation per eps (fxsparse/robust/curve.py)
+        from fxsparse.robust.curve import robustness_curve
+
+        return robustness_curve(evaluate, **{k: v for k, v in locals().items() if k != "robustness_curve"})
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
         raise FxsparseValueError(f"modes must be a non-empty subset of {MODES}, got {tuple(modes)}")

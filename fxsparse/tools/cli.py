@@ -248,8 +248,9 @@ def _add_evaluate(sub) -> None:
                     "normalised: the model's normalisation goes inside it, see --normalization)")
     ev.add_argument("--calibration", metavar="SOURCE", help="images to calibrate on (training images), as --data")
     ev.add_argument("--validation", metavar="SOURCE", help="images to search alpha on, as --data; disjoint from it")
-    ev.add_argument("--weights", help="a state_dict or training checkpoint (.pth / .pt / .safetensors; 'state_dict' "
-                    "or 'model' entries and 'module.' prefixes are handled) for the model")
+    ev.add_argument("--weights", help="a state_dict or training checkpoint for the model (.pth / .pt / .safetensors, "
+                    "read by timm's loader: 'model_ema', 'state_dict' or 'model' entries and 'module.' / "
+                    "'_orig_mod.' prefixes are handled)")
     ev.add_argument("--plot", metavar="PNG", help="with --search: draw validation accuracy against alpha to this file")
     ev.add_argument("--attacks", nargs="+", default=["clean", "pgd", "square"], metavar="ATTACK",
                     help=f"attacks with options, e.g. pgd:steps=50 square:queries=500; known: {', '.join(ATTACKS)}")

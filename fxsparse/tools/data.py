@@ -109,27 +109,21 @@ def shard(split: Any, rank: int, world: int, batch_size: int = 64) -> Any:
 
 
 def load_weights(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """Load a state_dict or a timm / torchvision training checkpoint into `model`: a .safetensors file or a
-    torch.save'd dict, the weights at the top or under 'state_dict' / 'model' / 'state_dict_ema', 'module.'
-    prefixes (DataParallel / DDP) removed. Read without unpickling arbitrary objects."""
+    """Load a state_dict or a timm / torchvision training checkpoint into `model`, read by timm's own loader
+    (`timm.models.load_state_dict`, weights_only: no arbitrary unpickling): a .safetensors file or a
+    torch.save'd dict, the weights at the top or under 'state_dict_ema' / 'model_ema' / 'state_dict' /
+    'model', 'module.' (DataParallel / DDP) and '_orig_mod.' (torch.compile) prefixes removed."""
+    from timm.models import load_state_dict
+
     if not os.path.isfile(path):
         raise FxsparseValueError(f"--weights {path}: no such file")
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, weights_only=True, map_location="cpu")
+        state = load_state_dict(path, use_ema=True, device="cpu", weights_only=True)
     except Exception as exc:
         raise FxsparseValueError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}"[:400]) from exc
-    for key in ("state_dict_ema", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FxsparseValueError(f"{path} holds no state_dict (a dict of tensors, possibly under 'state_dict' or 'model')")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        raise FxsparseValueError(f"{path} holds no state_dict (a dict of tensors, possibly under 'state_dict', "
+                                 "'model' or 'model_ema'): give the model's weights")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that do not fit
