@@ -26,7 +26,7 @@ from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
                                            (stats.py: the one formula; checkpoint.py; distributed.py: across
                                            processes; compiled.py: as one compiled program; diagnose.py:
                                            which layer refused a batch)
-    operators  fxsparse/operators.py       set_alpha, straight_through: every spliced operator at once
+    operators  fxsparse/operators.py       set_alpha, straight_through and its surrogate gradients
     audit      fxsparse/audit.py           one record per site: Markdown, JSON, networkx
     files      fxsparse/files/             save / load (persist.py; safetensors + JSON header, safefile.py),
                                            resume files of long runs (resume.py), from_meansparse: the

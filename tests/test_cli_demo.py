@@ -56,15 +56,16 @@ def test_demo_runs_end_to_end_and_caches(tmp_path, monkeypatch):
     lines = []
     result = demo.run(config=config, alphas=(0.0, 0.2), log=lines.append, attack="apgd-ce:steps=5")
     text = "\n".join(lines)
-    assert "BPDA" in text and "| original |" in text and "| sparsified (chosen) |" in text
+    assert "BPDA" in text and "adaptive worst case" in text and "| original |" in text and "| sparsified (chosen) |" in text
     assert "| sparsified (alpha forced," in text and "what the operator does" in text  # the operator at work
     search = result["search"]
-    assert search.attack == "apgd-ce:steps=5" and search.score == "bpda"  # the library's search, BPDA score
+    assert search.attack == "apgd-ce:steps=5" and search.score == "adaptive"  # the library's default score
     # a two-point grid: the rule picks 0.2 exactly when its gain over 0 is beyond noise, else 0
     assert result["alpha"] == (0.0 if search.verdict == "no detectable gain" else 0.2) == search.alpha
     assert f"search verdict: {search.verdict_line()}" in text and "McNemar p" in text
     for row in result["test"].values():
-        assert set(row) == {"clean", "pgd", "bpda"} and all(0 <= v <= 1 for v in row.values())
+        assert set(row) == {"clean", "pgd", "bpda", "worst"} and all(0 <= v <= 1 for v in row.values())
+        assert row["worst"] <= min(row["pgd"], row["bpda"])  # the worst case covers every attack and column
     assert list(tmp_path.glob("demo-digits-cnn-*.pt"))
     lines.clear()
     demo.trained_model(demo.load_digits_splits(config["seed"]), config, log=lines.append)

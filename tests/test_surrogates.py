@@ -5,7 +5,7 @@ from torch._dynamo.testing import CompileCounter
 
 import fxsparse
 from fxsparse.ops import MeanSparse, smooth_band_slope
-from fxsparse.surrogates import Surrogate, parse_surrogate
+from fxsparse.operators import Surrogate, parse_surrogate
 from test_compile import _sparsified
 
 

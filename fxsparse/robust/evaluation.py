@@ -5,7 +5,7 @@ overstates the defence. The columns (MODES), in the order they run:
 
     plain      the attack on the model as is
     bpda       through identity straight-through gradients (BPDA)
-    smooth     through the smooth band's gradient (fxsparse/surrogates.py), tau 0.1
+    smooth     through the smooth band's gradient (fxsparse/operators.py), tau 0.1
     anneal     through the smooth band, tau large to small, one pass per tau
     transfer   crafted on the model at alpha 0 (or on `transfer_from`), scored on the sparsified model
 
@@ -41,7 +41,7 @@ from fxsparse.inputs import iter_batches
 from fxsparse.robust.guards import check_batch, check_budget, check_evaluation_data, check_l2_budget
 from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.operators import straight_through
-from fxsparse.surrogates import Surrogate, parse_surrogate
+from fxsparse.operators import Surrogate, parse_surrogate
 from fxsparse.calibrate.distributed import failing_together, rank_and_size
 from fxsparse.errors import DistributedError, FxsparseTypeError, FxsparseValueError
 from fxsparse.ops import meansparse_ops
