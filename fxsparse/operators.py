@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from fxsparse._meta import PREPARE_META
 from fxsparse.errors import CalibrationError, FxsparseValueError, NoActivationWarning, SelectionError
+from fxsparse.util import split_spec
 from fxsparse.ops import MeanSparse, meansparse_ops
 
 
@@ -160,17 +161,15 @@ def parse_surrogate(spec: Union[str, Surrogate, None]) -> Surrogate:
         return Surrogate("identity")
     if not isinstance(spec, str):
         raise FxsparseValueError(f"a surrogate is a string such as 'smooth:tau=0.1', got {spec!r}")
-    name, _, rest = spec.partition(":")
-    name = name.strip().lower()
+    name, items = split_spec(spec)
     if name not in KINDS:
         raise FxsparseValueError(f"unknown surrogate {name!r}; choose one of {KINDS} (e.g. 'smooth:tau=0.1')")
     options = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or key.strip() not in ("tau", "taus"):
+    for item, key, value in items:
+        if value is None or key not in ("tau", "taus"):
             raise FxsparseValueError(f"surrogate option {item!r} in {spec!r}: write 'smooth:tau=0.1' or "
                                      "'anneal:taus=1/0.3/0.1'")
-        options[key.strip()] = _taus(value, spec)
+        options[key] = _taus(value, spec)
     if name == "identity":
         if options:
             raise FxsparseValueError(f"surrogate {spec!r}: identity takes no temperature")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -64,3 +64,14 @@ def progress_bar(total: Optional[int], desc: str, unit: str, enabled: Optional[b
 
     enabled = sys.stderr.isatty() if enabled is None else enabled
     return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=not enabled)
+
+
+def split_spec(spec: str) -> Tuple[str, List[Tuple[str, str, Optional[str]]]]:
+    """"name:key=value,key=value" -> ("name", [(item, key, value)]), value None where an item has no "=":
+    the option syntax attacks and surrogates share; each caller checks its own names, keys and values."""
+    name, _, rest = spec.partition(":")
+    items = []
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        items.append((item, key.strip(), value if eq else None))
+    return name.strip().lower(), items

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from fxsparse.util import model_device, progress_bar
+from fxsparse.util import model_device, progress_bar, split_spec
 from fxsparse.robust import attacks as _attacks
 from fxsparse.inputs import iter_batches
 from fxsparse.robust.guards import check_batch, check_budget, check_evaluation_data, check_l2_budget
@@ -87,17 +87,15 @@ def _value(text: str) -> Any:
 
 def parse_attack(spec: str) -> Tuple[str, Dict[str, Any]]:
     """"pgd:steps=50,restarts=2" -> ("pgd", {"steps": 50, "restarts": 2}), checked against ATTACKS."""
-    name, _, rest = spec.partition(":")
-    name = name.strip().lower()
+    name, items = split_spec(spec)
     if name not in ATTACKS:
         raise FxsparseValueError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
     options = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, text = item.partition("=")
-        if not eq:
+    for item, key, text in items:
+        if text is None:
             raise FxsparseValueError(f"attack option {item!r} in {spec!r} is not key=value: write "
                                      "options as 'pgd:steps=50,restarts=2'")
-        options[key.strip()] = _value(text.strip())
+        options[key] = _value(text.strip())
     return name, {**ATTACKS[name].defaults, **options}
 
 
