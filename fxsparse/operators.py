@@ -29,7 +29,7 @@ from torch import fx, nn
 from fxsparse._meta import PREPARE_META
 from fxsparse.errors import CalibrationError, FxsparseValueError, NoActivationWarning, SelectionError
 from fxsparse.util import split_spec
-from fxsparse.ops import MeanSparse, meansparse_ops
+from fxsparse.ops import meansparse_ops
 
 
 def _check_alpha(value, where: str) -> float:
