@@ -17,6 +17,14 @@ def _sparsified(name, dtype=torch.float32):
     return model, fxsparse.sparsify(model, data, alpha=0.2), size
 
 
+def counted_compile(name):
+    """A sparsified model compiled fresh under a CompileCounter, and an input: for recompile counts."""
+    _, gm, size = _sparsified(name)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    return gm, torch.compile(gm, backend=counter), counter, torch.randn(2, 3, size, size)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_no_graph_breaks(name):
     _, gm, size = _sparsified(name)
@@ -29,11 +37,7 @@ def test_new_alpha_does_not_recompile_and_straight_through_compiles_once():
     """Alpha is a buffer: a new alpha reuses the compiled graph. The straight-through switch is a Python flag
     that changes the program (another autograd function), so its first use compiles a second graph; switching
     back and forth after that reuses both."""
-    _, gm, size = _sparsified("tv_resnet18")
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(gm, backend=counter)
-    x = torch.randn(2, 3, size, size)
+    gm, compiled, counter, x = counted_compile("tv_resnet18")
     with torch.no_grad():
         first = compiled(x)
         fxsparse.set_alpha(gm, 0.6)

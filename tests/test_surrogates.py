@@ -1,12 +1,11 @@
 """Surrogate gradients (issue 20): exact forward, the smooth band's backward, one compiled graph per kind."""
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
 
 import fxsparse
 from fxsparse.ops import MeanSparse, smooth_band_slope
 from fxsparse.operators import Surrogate, parse_surrogate
-from test_compile import _sparsified
+from test_compile import counted_compile
 
 
 def _op(alpha=0.5):
@@ -72,11 +71,7 @@ def test_nesting_restores_the_outer_surrogate():
 
 def test_one_compiled_graph_per_surrogate_kind():
     """The kind is a Python attribute (a new program: one graph each); tau is a 0-d buffer (no recompile)."""
-    _, gm, size = _sparsified("tv_resnet18")
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(gm, backend=counter)
-    x = torch.randn(2, 3, size, size)
+    gm, compiled, counter, x = counted_compile("tv_resnet18")
     with torch.no_grad():
         reference = compiled(x)
     grads = {}
