@@ -4,7 +4,7 @@ The pipeline, one stage a module or package, in the order a model goes through i
 from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
 
     op         fxsparse/ops.py             the MeanSparse operator (buffers mean, std, alpha; derived lo, hi)
-               fxsparse/fused.py           the opt-in fused eager kernel (set_eager_kernel)
+                                           (the opt-in fused eager kernel: fxsparse/compile/fused.py)
     capture    fxsparse/capture/           nn.Module -> eval-mode GraphModule with every activation visible:
                                            the fallback policy in __init__; tracer.py (FX), export.py
                                            (torch.export, time limit), quiet.py, guard.py (InputGuard);
@@ -31,16 +31,17 @@ from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
     files      fxsparse/files/             save / load (persist.py; safetensors + JSON header, safefile.py),
                                            resume files of long runs (resume.py), from_meansparse: the
                                            authors' published statistics (authors_checkpoint.py)
-    inputs     fxsparse/normalization.py   with_normalization: the input normalisation inside the model, so
-                                           attacks work on [0, 1] images (normalization_of: timm, torchvision)
 
 Around the pipeline, one subpackage per concern:
 
-    fxsparse/robust/     attacks, evaluate (as is and with BPDA), search_alpha, compare (paired McNemar);
-                         guards (data in bounds, eps in units), outputs (logits of any classifier),
+    fxsparse/robust/     attacks, evaluate (every column and the worst case), search_alpha, compare
+                         (paired McNemar); guards (data in bounds, eps in units), outputs (logits of any
+                         classifier), normalization (with_normalization: the input normalisation inside
+                         the model, so attacks work on [0, 1] images),
                          sharding (per-example randomness, outcomes across ranks), plots (the `eval` and
                          `plot` extras)
-    fxsparse/compile/    a torch.compile backend for models no capture path handles whole
+    fxsparse/compile/    a torch.compile backend for models no capture path handles whole; fused.py, the
+                         opt-in fused eager kernel (set_eager_kernel)
     fxsparse/tools/      the `fxsparse` command, its data sources (data.py: image folders, .pt files, digits),
                          the demo, model names (zoo), the run-time coverage oracle
     fxsparse/testing/    models and bad inputs shared by the test suite and the benchmarks
@@ -55,7 +56,7 @@ from fxsparse.errors import (BackendError, CalibrationError, CaptureError, Distr
                              MissingDependencyError, NoActivationWarning, PersistenceError, SearchWarning,
                              SelectionError)
 from fxsparse.ops import MeanSparse, meansparse_ops
-from fxsparse.fused import eager_kernel, set_eager_kernel
+from fxsparse.compile.fused import eager_kernel, set_eager_kernel
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
 from fxsparse.passes.locate import Selection, Site, locate
 from fxsparse.passes.splice import splice
@@ -68,7 +69,7 @@ from fxsparse.api import prepare, sparsify
 from fxsparse.files.persist import load, save
 from fxsparse.files.authors_checkpoint import from_meansparse
 from fxsparse.compile.backend import MeanSparseBackend, backend, statistics
-from fxsparse.normalization import normalization_of, with_normalization
+from fxsparse.robust.normalization import normalization_of, with_normalization
 from fxsparse.robust.compare import Comparison, compare
 from fxsparse.robust.evaluation import Evaluation, evaluate
 from fxsparse.robust.search import SearchResult, search_alpha

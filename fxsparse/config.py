@@ -8,6 +8,8 @@ after import, or per test, takes effect). Nothing else in fxsparse reads `os.env
     FXSPARSE_SPATIAL_EXPORT_BUDGET  seconds a dynamic-spatial export may take before a fixed size is used
     FXSPARSE_EAGER_KERNEL           the eager inference kernel at start-up: "plain" (default) or "fused"
     FXSPARSE_CACHE                  where the tools keep downloads and the demo's trained model
+
+and the two torchrun variables the command reads (WORLD_SIZE, LOCAL_RANK: `launched_world()`).
 """
 from __future__ import annotations
 
@@ -69,3 +71,12 @@ def cache_dir() -> str:
 
 def set_cache_dir(path: Optional[str]) -> None:
     _put("FXSPARSE_CACHE", None if path is None else os.fspath(path))
+
+
+def launched_world() -> "tuple[int, int]":
+    """(WORLD_SIZE, LOCAL_RANK) as torchrun sets them; (1, 0) outside a launcher."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise FxsparseValueError("WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them), got "
+                                 f"{os.environ.get('WORLD_SIZE')!r} and {os.environ.get('LOCAL_RANK')!r}") from None

@@ -12,7 +12,7 @@ comparisons are false everywhere (NaN included), so `torch.where` returns the in
 
 Eager mode is plain public PyTorch: nothing is compiled behind the user's back, and no private torch API is
 needed for correct results. Speed comes from `torch.compile`, where the operator fuses into its neighbours'
-kernels; `fxsparse.set_eager_kernel("fused")` (fxsparse/fused.py) opts in to a compiled eager kernel, which
+kernels; `fxsparse.set_eager_kernel("fused")` (fxsparse/compile/fused.py) opts in to a compiled eager kernel, which
 plugs in through `_eager_kernel_hook` so that this module imports nothing above it.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
     return None
 
 
-# Set by fxsparse/fused.py while the opt-in fused eager kernel is on: (x, mean, lo, hi, dim, inplace) -> the
+# Set by fxsparse/compile/fused.py while the opt-in fused eager kernel is on: (x, mean, lo, hi, dim, inplace) -> the
 # result, or None for the plain ops below.
 _eager_kernel_hook: Optional[Callable] = None
 

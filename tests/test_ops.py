@@ -3,7 +3,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from fxsparse import MeanSparse, fused, ops
+from fxsparse import MeanSparse, ops
+from fxsparse.compile import fused
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsparse
-import fxsparse.fused as fused
+import fxsparse.compile.fused as fused
 import fxsparse.ops as ops
 
 

@@ -93,15 +93,14 @@ def _with_model_normalization(name: str, model, log=lambda m: print(m, file=sys.
 def _distributed(args):
     """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started here, NCCL with one
     GPU per process for --device cuda, gloo otherwise."""
-    import os
-
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from fxsparse.config import launched_world
+
+    world, local = launched_world()
     if world > 1 and not dist.is_initialized():
         cuda = (args.device or "").startswith("cuda")
         if cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             args.device = f"cuda:{local}"
         dist.init_process_group("nccl" if cuda else "gloo")
