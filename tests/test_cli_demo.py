@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-import fxsparse
 from fxsparse.tools import demo
 from fxsparse.tools.cli import main
 from fxsparse.tools.zoo import resolve

@@ -6,8 +6,7 @@ from torch._dynamo.testing import CompileCounter
 
 import fxsparse
 from fxsparse.testing.models import MODELS, build
-from fxsparse.testing.spellings import SPELLINGS
-from test_locate_splice import DEFAULT_SPELLINGS, Steps, _input
+from test_splice import DEFAULT_SPELLINGS, Steps, _input
 
 
 def _sparsified(name, dtype=torch.float32):

@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings, strategies as st
 from torch import nn

@@ -1,7 +1,6 @@
 """Private inputs (passes/private_inputs.py): the graph analysis that marks a fresh tensor only the operator reads (the
 audit's `private_input`), and the operator, which never overwrites an input unless the activation itself was
 in place (overwriting a private input needed a private torch API to be safe, so it is gone)."""
-import copy
 
 import pytest
 import torch

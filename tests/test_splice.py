@@ -1,4 +1,5 @@
-"""The pass on hand-made and randomly generated small models: every spelling found once, alpha = 0 exact."""
+"""locate and splice (passes/locate.py, passes/splice.py) on hand-made and random small models: every spelling found
+once, alpha = 0 exact."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +7,6 @@ from hypothesis import given, strategies as st
 from torch import fx, nn
 
 import fxsparse
-from fxsparse.passes.kinds import unregister_activation
 from fxsparse.testing.spellings import GATES, SPELLINGS, instantiate
 
 C, H, W = 6, 5, 4  # distinct sizes, so a wrong channel axis shows up as a wrong channel count
@@ -181,35 +181,6 @@ def test_selection_by_kind_and_path():
     assert len(fxsparse.audit(fxsparse.prepare(model, x, select={"include": ["layers.[12]"]}))) == 1
     with pytest.raises(fxsparse.SelectionError, match="unknown activation kind"):
         fxsparse.prepare(model, x, select=["nope"])
-
-
-class Squareplus(nn.Module):
-    def forward(self, x):
-        return 0.5 * (x + torch.sqrt(x * x + 4))
-
-
-def squareplus(x):
-    return 0.5 * (x + torch.sqrt(x * x + 4))
-
-
-def test_register_activation_user_module_and_function():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(C, C, 1)
-            self.act = Squareplus()
-
-        def forward(self, x):
-            return squareplus(self.act(self.conv(x)))
-
-    fxsparse.register_activation("squareplus", modules=[Squareplus], functions=[squareplus])
-    try:
-        with pytest.raises(fxsparse.FxsparseError, match="already exists"):
-            fxsparse.register_activation("squareplus")
-        gm = fxsparse.prepare(Net(), _input())
-        assert [(r.site, r.kind) for r in fxsparse.audit(gm)] == [("act", "squareplus"), ("squareplus", "squareplus")]
-    finally:
-        unregister_activation("squareplus")
 
 
 def test_users_model_is_not_modified():
