@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -10,3 +11,14 @@ settings.register_profile("long", deadline=None, max_examples=1000, suppress_hea
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """(torchvision resnet18 at random init, its sparsified GraphModule at alpha 0.2): one per test module."""
+    import fxsparse
+    from fxsparse.testing.models import build
+
+    model, _ = build("tv_resnet18")
+    gm = fxsparse.sparsify(model, [torch.randn(4, 3, 32, 32) for _ in range(2)], alpha=0.2)
+    return model, gm

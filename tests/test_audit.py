@@ -1,18 +1,8 @@
 """fxsparse.audit (fxsparse/audit.py): one record per site, as Markdown, JSON and networkx; state_dict names."""
 import json
 
-import pytest
-import torch
 
 import fxsparse
-from fxsparse.testing.models import build
-
-
-@pytest.fixture(scope="module")
-def resnet():
-    model, _ = build("tv_resnet18")
-    gm = fxsparse.sparsify(model, [torch.randn(4, 3, 32, 32) for _ in range(2)], alpha=0.2)
-    return model, gm
 
 
 def test_audit_views(resnet):

@@ -6,14 +6,6 @@ import torch
 from torch import nn
 
 import fxsparse
-from fxsparse.testing.models import build
-
-
-@pytest.fixture(scope="module")
-def resnet():
-    model, _ = build("tv_resnet18")
-    gm = fxsparse.sparsify(model, [torch.randn(4, 3, 32, 32) for _ in range(2)], alpha=0.2)
-    return model, gm
 
 
 def test_set_alpha_forms_and_errors(resnet):
