@@ -1,4 +1,5 @@
-"""Checks that an attack's numbers mean what they say: data inside `bounds`, a budget that fits them.
+"""Checks that an attack's numbers mean what they say: data inside `bounds`, a budget that fits them (the
+budget's own checks are the ThreatModel's, fxsparse/robust/threat.py), data that fits the model.
 
 Attacks clip to `bounds` and measure `eps` in input units. Normalised images (values below 0), 0-255 pixels,
 or `eps=8` meant as 8/255 give accuracies that are wrong without any error; these checks refuse them and
@@ -7,63 +8,27 @@ name the fix. They cost a min and a max per batch.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 
 from fxsparse.errors import FxsparseTypeError, FxsparseValueError, InputRangeError
+from fxsparse.robust.threat import NORMS, ThreatModel, canonical_norm, check_bounds
 
-NORMS = ("linf", "l2")
-MAX_LINF_FRACTION = 64 / 255  # an L-inf eps above this fraction of the input range is refused
-
-
-def check_bounds(bounds: Sequence[float]) -> Tuple[float, float]:
-    try:
-        lo, hi = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise FxsparseTypeError(f"bounds must be a (low, high) pair of numbers, got {bounds!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise FxsparseValueError(f"bounds must be finite with low < high, got {bounds!r}; images in [0, 1] use "
-                                 "bounds=(0, 1)")
-    return lo, hi
-
-
-def canonical_norm(norm: str) -> str:
-    """'linf' or 'l2', from fxsparse's spelling or AutoAttack's and RobustBench's ('Linf', 'L2')."""
-    key = norm.lower() if isinstance(norm, str) else norm
-    if key not in NORMS:
-        raise FxsparseValueError(f"norm must be 'linf' or 'l2' (AutoAttack's 'Linf' / 'L2' also), got {norm!r}")
-    return key
+# the threat's checks live in fxsparse/robust/threat.py; their old names stay importable from here
+__all__ = ["NORMS", "canonical_norm", "check_bounds", "check_budget", "check_l2_budget", "check_batch",
+           "input_channels", "check_fits", "check_labels", "check_evaluation_data"]
 
 
 def check_budget(eps: float, norm: str, bounds: Sequence[float]) -> str:
-    """eps and norm before any data: a finite eps >= 0, a known norm, and an L-inf eps that is a perturbation,
-    not a rescaling of the image. Returns the norm as fxsparse spells it."""
-    norm = canonical_norm(norm)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise FxsparseValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    lo, hi = check_bounds(bounds)
-    width = hi - lo
-    if norm == "linf" and eps > MAX_LINF_FRACTION * width:
-        meant = f"{eps:g}/255 = {eps / 255 * width:.4g}" if eps >= 1 else "8/255 = 0.0314"
-        raise InputRangeError(
-            f"L-inf eps={eps:g} is {eps / width * 255:.0f}/255 of the input range [{lo:g}, {hi:g}]: the attack "
-            f"could repaint the image. Did you mean {meant}? eps is in input units (images in [0, 1]); budgets "
-            f"above 64/255 of the range are refused")
-    return norm
+    """eps and norm before any data (the ThreatModel's checks, fxsparse/robust/threat.py). Returns the norm as
+    fxsparse spells it."""
+    return ThreatModel(eps, norm, bounds).norm
 
 
 def check_l2_budget(eps: float, x: torch.Tensor, bounds: Sequence[float]) -> None:
-    """An L2 eps no larger than the diameter of the input box (`width * sqrt(values per example)`): beyond it
-    every input in the box is within reach, so eps is surely in the wrong units. (L2 3.0 on 224 x 224 RGB has
-    a diameter of 388; 0.5 on CIFAR, 55.)"""
-    lo, hi = check_bounds(bounds)
-    diameter = (hi - lo) * math.sqrt(x[0].numel()) if len(x) else math.inf
-    if eps > diameter:
-        raise InputRangeError(
-            f"L2 eps={eps:g} is larger than the diameter ({diameter:.3g}) of the input box [{lo:g}, {hi:g}]^"
-            f"{x[0].numel()}: every input is within reach. Give eps in input units on [0, 1] images "
-            "(common values: 0.5 on CIFAR-10, 3.0 on ImageNet)")
+    """An L2 eps no larger than the diameter of the input box: `ThreatModel.check_l2`."""
+    ThreatModel(eps, "l2", bounds).check_l2(x)
 
 
 def check_batch(x: torch.Tensor, bounds: Sequence[float], index: int) -> None:
