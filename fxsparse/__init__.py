@@ -34,12 +34,16 @@ from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
 
 Around the pipeline, one subpackage per concern:
 
-    fxsparse/robust/     attacks, evaluate (every column and the worst case), search_alpha, compare
-                         (paired McNemar); guards (data in bounds, eps in units), outputs (logits of any
-                         classifier), normalization (with_normalization: the input normalisation inside
-                         the model, so attacks work on [0, 1] images),
-                         sharding (per-example randomness, outcomes across ranks), plots (the `eval` and
-                         `plot` extras)
+    fxsparse/robust/     threat.py (ThreatModel: eps, norm, bounds, validated once; the settings evaluate
+                         and search_alpha share), attacks.py, evaluation.py (evaluate: reads the data, runs
+                         every batch, resumes), columns.py (the named attacks and the column runner: as is,
+                         BPDA, smooth, anneal, transfer, given inputs), results.py (AttackResult, Evaluation:
+                         the worst case, Markdown, JSON), curve.py (a robustness curve), search.py
+                         (search_alpha), compare.py (paired McNemar); guards.py (data in bounds, data that
+                         fits the model), outputs.py (logits of any classifier), normalization.py
+                         (with_normalization: the input normalisation inside the model, so attacks work on
+                         [0, 1] images), sharding.py (per-example randomness, outcomes across ranks),
+                         plots.py (the `eval` and `plot` extras)
     fxsparse/compile/    a torch.compile backend for models no capture path handles whole; fused.py, the
                          opt-in fused eager kernel (set_eager_kernel)
     fxsparse/tools/      the `fxsparse` command, its data sources (data.py: image folders, .pt files, digits),
@@ -72,6 +76,7 @@ from fxsparse.compile.backend import MeanSparseBackend, backend, statistics
 from fxsparse.robust.normalization import normalization_of, with_normalization
 from fxsparse.robust.compare import Comparison, compare
 from fxsparse.robust.evaluation import Evaluation, evaluate
+from fxsparse.robust.threat import ThreatModel
 from fxsparse.robust.search import SearchResult, search_alpha
 
 from fxsparse._version import __version__  # noqa: F401
@@ -86,7 +91,8 @@ __all__ = [
     "capture", "locate", "place", "splice", "residual_joins", "PRESETS", "Selection", "Site",
     "register_activation", "ActivationKind", "activation_kinds", "backend", "MeanSparseBackend", "statistics",
     # results
-    "Audit", "SiteRecord", "evaluate", "Evaluation", "compare", "Comparison", "search_alpha", "SearchResult",
+    "Audit", "SiteRecord", "evaluate", "Evaluation", "ThreatModel", "compare", "Comparison", "search_alpha",
+    "SearchResult",
     # errors and warnings
     "FxsparseError", "FxsparseValueError", "FxsparseTypeError", "CaptureError", "CalibrationError", "SelectionError",
     "PersistenceError", "InputRangeError", "BackendError", "DistributedError", "MissingDependencyError",

@@ -2,7 +2,8 @@
 
 One eps says how robust a model is at one budget; a curve shows where robustness falls off, and a defence
 that only hides gradients shows as a curve that does not reach 0 at large budgets. Each point is a full
-`Evaluation` (every attack, both modes), run with the same seed and data.
+`Evaluation` (every attack, both modes), run with the same seed and data; each budget is a ThreatModel
+(fxsparse/robust/threat.py) with the curve's norm and bounds, all checked before the first point runs.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from fxsparse.errors import FxsparseTypeError, FxsparseValueError
+from fxsparse.robust.threat import ThreatModel
 
 
 @dataclasses.dataclass
@@ -81,9 +83,11 @@ def robustness_curve(evaluate: Callable, model, data, eps: Sequence[float], **op
         raise FxsparseTypeError("a robustness curve's baseline must be the original model's curve over the same eps "
                                 "(fxsparse.evaluate(original, data, eps=[...]))")
     checkpoint: Optional[str] = options.pop("checkpoint", None)
+    given = options.pop("threat", None), options.pop("norm", None), options.pop("bounds", None)
+    threats = [ThreatModel.resolve(given[0], e, *given[1:]) for e in eps]  # every budget checked before the first
     evaluations = []
-    for i, e in enumerate(eps):
+    for i, threat in enumerate(threats):
         point = dict(options, baseline=baseline[i] if baseline is not None else None,
                      checkpoint=None if checkpoint is None else f"{os.fspath(checkpoint)}.eps{i}")
-        evaluations.append(evaluate(model, data, eps=e, **point))
+        evaluations.append(evaluate(model, data, threat=threat, **point))
     return RobustnessCurve(evaluations)

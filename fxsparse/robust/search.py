@@ -45,7 +45,7 @@ from fxsparse.inputs import iter_batches
 from fxsparse.robust.evaluation import MODES, evaluate, parse_attack
 from fxsparse.files.resume import ResumeFile
 from fxsparse.robust.sharding import example_fingerprints, gather_strings
-from fxsparse.robust.guards import check_budget
+from fxsparse.robust.threat import RunSettings, ThreatModel
 from fxsparse.robust.outputs import LogitsFn
 from fxsparse.ops import meansparse_ops
 
@@ -204,31 +204,20 @@ def _stages(sites: Sequence[str], per_stage) -> Dict[str, List[str]]:
 
 
 def search_alpha(
-    model: nn.Module,
-    val_data: Any,
-    *,
-    eps: float,
-    norm: str = "linf",
-    attack: Optional[str] = None,
-    score: str = DEFAULT_SCORE,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    max_clean_drop: float = 0.01,
-    strategy: str = "grid",
-    rounds: int = 2,
-    per_stage: Union[bool, str, Mapping[str, Any]] = False,
-    seed: int = 0,
-    batch_size: int = 256,
-    max_examples: Optional[int] = None,
-    progress: Optional[bool] = None,
-    apply: bool = True,
-    bounds: Tuple[float, float] = (0.0, 1.0),
-    logits: LogitsFn = None,
+    model: nn.Module, val_data: Any, *, eps: Optional[float] = None, norm: Optional[str] = None,
+    attack: Optional[str] = None, score: str = DEFAULT_SCORE, alphas: Sequence[float] = DEFAULT_ALPHAS,
+    max_clean_drop: float = 0.01, strategy: str = "grid", rounds: int = 2,
+    per_stage: Union[bool, str, Mapping[str, Any]] = False, seed: int = 0, batch_size: int = 256,
+    max_examples: Optional[int] = None, progress: Optional[bool] = None, apply: bool = True,
+    bounds: Optional[Tuple[float, float]] = None, threat: Optional[ThreatModel] = None, logits: LogitsFn = None,
     checkpoint: Union[str, "os.PathLike[str]", None] = None,
 ) -> SearchResult:
     """Pick alpha for a calibrated model on `val_data` (validation only; never the test split), by the rule
     in the module docstring (RULE); the result says whether the gain over alpha = 0 is beyond noise.
 
     Args:
+        eps, norm, bounds, threat: the threat model, as in `fxsparse.evaluate` (the keywords, or one
+            `fxsparse.ThreatModel`); seed, batch_size, max_examples, logits also as there.
         attack: the attack that scores an alpha, with options ("apgd-ce", "pgd:steps=20", "square"); default
             `default_attack()`: APGD-CE, or a scheduled PGD with restarts without pyautoattack.
         score: "adaptive" (default: an example counts as robust only if it survives every column of
@@ -242,7 +231,6 @@ def search_alpha(
         per_stage: also tune one alpha per stage (True: stages from site names, see `stage_of`; or a mapping
             {stage name: site glob or globs}).
         apply: leave the model at the chosen alpha (otherwise restore the alphas it had).
-        bounds, logits: as in `fxsparse.evaluate` (input range; scores from the model's output).
         checkpoint: a file recording every finished trial (atomically; one file per rank); rerunning the same
             call replays them without attacking again and gives the uninterrupted search's result. Deleted
             when the search finishes.
@@ -252,6 +240,38 @@ def search_alpha(
     One progress bar counts the trials (alphas x the attack), with the current alpha and its robust accuracy.
     """
     attack = default_attack() if attack is None else attack
+    grid = _check_search(score, strategy, alphas)
+    settings = RunSettings.of(threat=threat, eps=eps, norm=norm, bounds=bounds, seed=seed, batch_size=batch_size,
+                              max_examples=max_examples)
+    ops = meansparse_ops(model)
+    if not ops:
+        raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")
+    parse_attack(attack)  # fail early on a bad attack name
+    batches = list(iter_batches(val_data, settings.batch_size, settings.max_examples))  # the same every trial
+    if not batches:
+        raise FxsparseValueError("the validation data is empty: give (x, y) validation batches")
+    before = {name: float(op.alpha) for name, op in ops.items()}
+    stages = _stages(list(ops), per_stage) if per_stage else {}
+    replay = _Replay(checkpoint, dict(attack=attack, score=score, max_clean_drop=float(max_clean_drop),
+                                      sites=sorted(ops), **settings.to_dict()))
+    trials = _Trials(model, batches, settings, attack, score, float(max_clean_drop), logits, progress, replay,
+                     len(grid) + len(stages) * (len(grid) - 1))
+    try:
+        chosen, best, verdict = _run(trials, grid, strategy, rounds, stages)
+    except BaseException:
+        set_alpha(model, before)
+        raise
+    finally:
+        trials.bar.close()
+    set_alpha(model, chosen if apply else before)
+    result = _result(trials, batches, chosen, best, verdict, stages)
+    _warn(result)
+    replay.discard()
+    return result
+
+
+def _check_search(score: str, strategy: str, alphas: Sequence[float]) -> List[float]:
+    """The score and strategy known; the grid: the alphas (finite, >= 0) and 0, sorted."""
     if score not in SCORES:
         raise FxsparseValueError(f"score must be one of {sorted(SCORES)}, got {score!r}")
     if strategy not in ("grid", "refine"):
@@ -262,72 +282,73 @@ def search_alpha(
         raise SelectionError(f"alphas must be numbers, got {alphas!r}") from None
     if any(a < 0 or not math.isfinite(a) for a in grid):
         raise SelectionError(f"alphas must be finite and >= 0, got {list(alphas)}")
-    norm = check_budget(eps, norm, bounds)  # 'Linf' / 'L2' as AutoAttack writes them, too
-    ops = meansparse_ops(model)
-    if not ops:
-        raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")
-    parse_attack(attack)  # fail early on a bad attack name
-    batches = list(iter_batches(val_data, batch_size, max_examples))  # iterated once: same batches per trial
-    if not batches:
-        raise FxsparseValueError("the validation data is empty: give (x, y) validation batches")
-    before = {name: float(op.alpha) for name, op in ops.items()}
-    stages = _stages(list(ops), per_stage) if per_stage else {}
-    table: List[Trial] = []
-    replay = _Replay(checkpoint, dict(attack=attack, score=score, eps=float(eps), norm=norm, seed=int(seed),
-                                      max_clean_drop=float(max_clean_drop), batch_size=int(batch_size),
-                                      max_examples=max_examples, bounds=[float(b) for b in bounds],
-                                      sites=sorted(ops)))
-    bar = progress_bar(len(grid) + len(stages) * (len(grid) - 1), "alpha search", "trial", progress)
+    return grid
 
-    def trial(phase: str, alpha, shown=None) -> Trial:
-        saved = replay.next(phase, alpha)
+
+class _Trials:
+    """The search's trials, in order: each scores one configuration with `evaluate` on the validation batches
+    (or replays it from the checkpoint) and adds a Trial to `table`; calling it runs one."""
+
+    def __init__(self, model: nn.Module, batches, settings: RunSettings, attack: str, score: str,
+                 max_clean_drop: float, logits: LogitsFn, progress: Optional[bool], replay: "_Replay", total: int):
+        self.model, self.batches, self.settings, self.attack, self.score = model, batches, settings, attack, score
+        self.max_clean_drop, self.logits, self.progress, self.replay = max_clean_drop, logits, progress, replay
+        self.table: List[Trial] = []
+        self.bar = progress_bar(total, "alpha search", "trial", progress)
+
+    def _outcomes(self, phase: str, alpha) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(clean, robust) per-example correctness at `alpha`: replayed, or evaluated and recorded."""
+        saved = self.replay.next(phase, alpha)
         if saved is not None:
-            clean_correct, robust_correct = saved
-        else:
-            set_alpha(model, alpha)
-            report = evaluate(model, batches, eps=eps, norm=norm, attacks=["clean", attack], modes=SCORES[score],
-                              seed=seed, progress=progress, bounds=bounds, logits=logits)
-            clean_result = report["clean"]
-            clean_correct = next(iter(clean_result.correct.values()))  # every column of "clean" is one run
-            columns = report.results[1].correct
-            robust_correct = torch.stack([columns[m] for m in SCORES[score] if m in columns]).all(0)
-            replay.record(phase, alpha, clean_correct, robust_correct)
-        n = len(robust_correct)
+            return saved
+        set_alpha(self.model, alpha)
+        modes = SCORES[self.score]
+        report = evaluate(self.model, self.batches, threat=self.settings.threat, attacks=["clean", self.attack],
+                          modes=modes, seed=self.settings.seed, progress=self.progress, logits=self.logits)
+        clean_correct = next(iter(report["clean"].correct.values()))  # every column of "clean" is one run
+        columns = report.results[1].correct
+        robust_correct = torch.stack([columns[m] for m in modes if m in columns]).all(0)
+        self.replay.record(phase, alpha, clean_correct, robust_correct)
+        return clean_correct, robust_correct
+
+    def __call__(self, phase: str, alpha, shown=None) -> Trial:
+        clean_correct, robust_correct = self._outcomes(phase, alpha)
+        table, n = self.table, len(robust_correct)
         clean, robust = float(clean_correct.float().mean()), float(robust_correct.float().mean())
-        allowed = not table or clean >= table[0].clean - max_clean_drop - 1e-12
+        allowed = not table or clean >= table[0].clean - self.max_clean_drop - 1e-12
         t = Trial(phase, alpha if shown is None else shown, clean, robust, allowed, n,
                   wilson(int(clean_correct.sum()), n), wilson(int(robust_correct.sum()), n),
                   paired_p(robust_correct, table[0].robust_correct) if table else 1.0,
                   robust_correct=robust_correct)
         table.append(t)
-        bar.update(1)
-        bar.set_postfix_str(f"alpha {t.alpha if isinstance(t.alpha, float) else 'per stage'}: robust {100 * robust:.1f}%")
+        self.bar.update(1)
+        shown_alpha = t.alpha if isinstance(t.alpha, float) else "per stage"
+        self.bar.set_postfix_str(f"alpha {shown_alpha}: robust {100 * robust:.1f}%")
         return t
 
-    try:
-        for a in grid:
-            trial("grid", a)
-        if strategy == "refine":
-            _refine(trial, table, grid, rounds)
-        chosen, best, verdict = _choose(table)
-        if stages:
-            chosen, best = _per_stage(trial, grid, stages, chosen, best)
-    except BaseException:
-        set_alpha(model, before)
-        raise
-    finally:
-        bar.close()
-    set_alpha(model, chosen if apply else before)
+
+def _run(trials: _Trials, grid: List[float], strategy: str, rounds: int, stages) -> Tuple[Any, Trial, str]:
+    """The grid, the refinement, the choice by RULE, then the per-stage ascent: (alpha, its trial, verdict)."""
+    for a in grid:
+        trials("grid", a)
+    if strategy == "refine":
+        _refine(trials, trials.table, grid, rounds)
+    chosen, best, verdict = _choose(trials.table)
+    if stages:
+        chosen, best = _per_stage(trials, grid, stages, chosen, best)
+    return chosen, best, verdict
+
+
+def _result(trials: _Trials, batches, chosen, best: Trial, verdict: str, stages) -> SearchResult:
+    """The SearchResult: the table with p-values against the best scalar alpha, and the validation examples'
+    fingerprints (so `evaluate(search=...)` can refuse a test split that shares one)."""
+    table = trials.table
     fingerprints = frozenset(gather_strings([f for x, y in batches for f in example_fingerprints(x, y)]))
-    scalar = [t for t in table if isinstance(t.alpha, float)]
-    best_scalar = _best(scalar)
+    best_scalar = _best([t for t in table if isinstance(t.alpha, float)])
     for t in table:
         t.p_vs_best = paired_p(t.robust_correct, best_scalar.robust_correct)
-    result = SearchResult(chosen, best.clean, best.robust, table, attack, score, max_clean_drop,
-                          table[0].n, stages, fingerprints, verdict, best_scalar.alpha)
-    _warn(result, scalar, best_scalar)
-    replay.discard()
-    return result
+    return SearchResult(chosen, best.clean, best.robust, table, trials.attack, trials.score, trials.max_clean_drop,
+                        table[0].n, stages, fingerprints, verdict, best_scalar.alpha)
 
 
 class _Replay:
@@ -386,7 +407,10 @@ def _choose(table: List[Trial]) -> Tuple[float, Trial, str]:
     return pick.alpha, pick, "gain beyond noise"
 
 
-def _warn(result: SearchResult, scalar: Sequence[Trial], best: Trial) -> None:
+def _warn(result: SearchResult) -> None:
+    """The verdict's and the grid's warnings, raised and kept in `result.notes`."""
+    scalar = [t for t in result.table if isinstance(t.alpha, float)]
+    best = _best(scalar)
     top = max(t.alpha for t in scalar)
     if result.verdict == NO_GAIN:
         result.notes.append(f"{NO_GAIN}: the best alpha inside the clean budget ({best.alpha:g}, "
