@@ -10,6 +10,7 @@ from fxsparse.robust import attacks
 from fxsparse.robust.evaluation import ATTACKS, evaluate, parse_attack
 
 from fxsparse.testing.markers import needs_reference_attacks
+from test_evaluation_scale import Interrupted, StopsOnce
 
 
 def _tiny(seed=0):
@@ -418,3 +419,25 @@ def test_kept_adversarial_examples_rescore_as_given_inputs(data, sparse):
             evaluate(sparse, (x, y), eps=0.1, attacks=["clean"], adversarial=[x])
     finally:
         fxsparse.set_alpha(sparse, 0.0)
+
+
+@pytest.mark.parametrize("modes", [("plain", "bpda"), ("bpda",)])
+def test_a_resumed_run_scores_given_inputs_at_their_examples(tmp_path, modes):
+    """Given adversarial inputs are matched to their examples after a resume too (the offset counts the
+    batches restored from the checkpoint), and their row is restored whatever the modes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.rand(18, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    gm = fxsparse.sparsify(net, [x], alpha=0.3, progress=False)
+    with torch.no_grad():
+        y = gm(x).argmax(1)
+    given = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).sign()).clamp(0, 1)
+    options = dict(eps=0.05, attacks=["clean", "pgd:steps=2"], modes=modes, adversarial=given, progress=False)
+    whole = evaluate(gm, StopsOnce(x, y, at=99), **options)
+    data, path = StopsOnce(x, y, at=2), tmp_path / "eval.ckpt"
+    with pytest.raises(Interrupted):
+        evaluate(gm, data, checkpoint=path, **options)
+    resumed = evaluate(gm, data, checkpoint=path, **options)
+    assert resumed.n == whole.n == 18
+    for a, b in zip(resumed.results, whole.results):
+        assert a.correct.keys() == b.correct.keys() and all(torch.equal(a.correct[m], b.correct[m]) for m in a.correct)
