@@ -185,6 +185,7 @@ class _Runner:
     tallies: List[Tally]
     heldout: Optional[frozenset]
     device: torch.device
+    place: Tuple[int, int] = dataclasses.field(default_factory=rank_and_size)  # (rank, world size)
 
     def batch(self, index: int, x: torch.Tensor, y: torch.Tensor, offset: int, bar) -> int:
         """Run batch `index` (its first example is example `offset` of this rank's data); returns its size."""
@@ -201,7 +202,7 @@ class _Runner:
         x, y = x.to(self.device), y.to(self.device)
         for tally, adv in zip(self.tallies[len(self.plan):], self.given):
             tally.add("plain", score_given(self.net, adv, offset, x, y, threat), None)
-        rank, world = rank_and_size()
+        rank, world = self.place
         for (name, options), tally in zip(self.plan, self.tallies):
             bar.set_postfix_str(name)
             run_attack(self.net, self.columns, ATTACKS[name], options, x, y, index * world + rank, tally)

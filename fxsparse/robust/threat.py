@@ -135,13 +135,13 @@ class ThreatModel:
         return inside_ball and float(adv.min()) >= self.bounds[0] and float(adv.max()) <= self.bounds[1]
 
 
-def _check_count(name: str, value: Any, unit: str, *, optional: bool = False, positive: bool = True) -> int:
+def _check_count(name: str, value: Any, unit: str, *, optional: bool = False, positive: bool = True):
     """An integer (any Integral, numpy's too), positive when asked: a count of batches or examples, a seed."""
     if optional and value is None:
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (positive and value < 1):
-        raise FxsparseValueError(f"{name} must be {'a positive' if positive else 'an integer'} {unit}"
-                                 f"{' or None' if optional else ''}, got {value!r}")
+        what = f"a positive {unit}" if positive else "an integer"
+        raise FxsparseValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
     return int(value)
 
 
@@ -159,7 +159,7 @@ class RunSettings:
            max_examples: Optional[int] = None) -> "RunSettings":
         """The public keywords, checked once for both calls."""
         threat = ThreatModel.resolve(threat, eps, norm, bounds)
-        return cls(threat, _check_count("seed", seed, "seed", positive=False),
+        return cls(threat, _check_count("seed", seed, "", positive=False),
                    _check_count("batch_size", batch_size, "number of examples"),
                    _check_count("max_examples", max_examples, "number of examples", optional=True))
 
