@@ -1,4 +1,4 @@
-"""Graph utilities: what a node is (a pass-through, a channel-fixing producer, a norm) and one walk.
+"""Graph utilities: what a node is (an identity, a pass-through, a channel-fixing producer, a norm) and one walk.
 
 The predicates read the op-name vocabulary (passes/vocabulary.py); `walk` is the one traversal the passes
 use to search forward or back from some nodes, each node visited once.
@@ -13,8 +13,8 @@ from torch import fx
 
 from fxsparse.util import submodule_of
 from fxsparse.passes.kinds import kind_of_aten, kind_of_function, kind_of_method, kind_of_module
-from fxsparse.passes.vocabulary import (FIRST_MODULES, FIRST_NORM_MODULES, FIRST_OPS, LAST_MODULES, LAST_OPS,
-                                        NORM_MODULES, NORM_OPS, PASS_MODULE_NAMES, PASS_MODULES, UNARY_OPS, op_name)
+from fxsparse.passes.vocabulary import (FIRST_MODULES, FIRST_NORM_MODULES, FIRST_OPS, IDENTITY_MODULE_NAMES,
+                                        IDENTITY_MODULES, LAST_MODULES, LAST_OPS, NORM_MODULES, NORM_OPS, PASS_MODULE_NAMES, PASS_MODULES, UNARY_OPS, op_name)
 
 
 def walk(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> Iterator[fx.Node]:
@@ -65,6 +65,13 @@ def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.args[1] == 0 and is_norm(gm, node.args[0])
     return node.op in ("call_function", "call_method") and op_name(node) in NORM_OPS
 
+
+
+def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` is a module that returns its input unchanged at inference (identity, dropout, drop
+    path): the narrowest pass-through (its tables are part of `is_pass`'s, passes/vocabulary.py)."""
+    mod = submodule_of(gm, node)
+    return mod is not None and (isinstance(mod, IDENTITY_MODULES) or type(mod).__name__ in IDENTITY_MODULE_NAMES)
 
 
 def is_pass(gm: fx.GraphModule, node: fx.Node) -> bool:
