@@ -1,7 +1,8 @@
 """Graph utilities: what a node is (an identity, a pass-through, a channel-fixing producer, a norm) and one walk.
 
 The predicates read the op-name vocabulary (passes/vocabulary.py); `walk` is the one traversal the passes
-use to search forward or back from some nodes, each node visited once.
+use to search forward or back from some nodes, each node visited once, and `back_through` the one step back
+along a chain of single-input nodes.
 """
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ def walk(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]
         seen.add(n)
         yield n
         stack.extend(step(n))
+
+
+def back_through(node: fx.Node, passes: Callable[[fx.Node], bool]) -> fx.Node:
+    """The node reached by stepping back from `node` over nodes that `passes` and that have one input node
+    (dropout, identity, ...): the other walk, along one chain instead of a graph."""
+    seen = set()
+    while node not in seen and passes(node) and len(node.all_input_nodes) == 1:
+        seen.add(node)
+        node = node.all_input_nodes[0]
+    return node
 
 
 def int_list(value) -> Optional[List[int]]:
