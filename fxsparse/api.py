@@ -23,7 +23,7 @@ from torch import fx, nn
 from fxsparse.util import first_line
 from fxsparse._meta import PREPARE_META, SITE_META
 from fxsparse.calibrate import calibrate
-from fxsparse.capture import CAPTURE_METHODS, copy_model, shapes_step
+from fxsparse.capture import check_method, copy_model, shapes_step
 from fxsparse.capture import capture as capture_model
 from fxsparse.passes.layout import analyze as analyze_layout
 from fxsparse.operators import set_alpha
@@ -63,8 +63,7 @@ class Recipe:
                 raise SelectionError(f"channel_dims must map site names or module-path globs to int axes "
                                      f"({{'layer1.*': 1}}), got the entry {pair!r}")
         set_(self, "channel_dims", tuple(dims))
-        if self.capture not in CAPTURE_METHODS:
-            raise CaptureError(f"capture method must be one of {CAPTURE_METHODS}, got {self.capture!r}")
+        check_method(self.capture)
 
     @classmethod
     def of(cls, recipe: Optional["Recipe"] = None, **keywords) -> "Recipe":

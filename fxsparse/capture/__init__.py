@@ -32,7 +32,7 @@ from fxsparse.capture.guard import InputGuard, graph_inputs, guard
 from fxsparse.capture.quiet import quiet
 from fxsparse.capture.tracer import ActivationTracer, CaptureReport, capture_fx
 
-__all__ = ["capture", "copy_model", "shapes_step", "graph_inputs", "quiet", "ActivationTracer", "CaptureReport", "InputGuard",
+__all__ = ["capture", "check_method", "copy_model", "shapes_step", "graph_inputs", "quiet", "ActivationTracer", "CaptureReport", "InputGuard",
            "CAPTURE_METHODS"]
 
 CAPTURE_METHODS = ("auto", "fx", "export")
@@ -77,13 +77,19 @@ def capture(
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
-    if capture not in CAPTURE_METHODS:
-        raise CaptureError(f"capture method must be one of {CAPTURE_METHODS}, got {capture!r}")
+    check_method(capture)
     call = as_call(example_inputs) if example_inputs is not None else None
     if check is None and call is not None:
         check = shapes_step(call)
     with quiet():
         return _capture(model, call, capture, concrete_args, check or (lambda gm: None))
+
+
+def check_method(capture: str) -> str:
+    """`capture` if it names a capture path, else the CaptureError saying which do."""
+    if capture not in CAPTURE_METHODS:
+        raise CaptureError(f"capture method must be one of {CAPTURE_METHODS}, got {capture!r}")
+    return capture
 
 
 def shapes_step(call: Call) -> Callable[[fx.GraphModule], None]:
