@@ -20,8 +20,9 @@ from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
     splice     passes/splice.py            a MeanSparse before each site, on the channel axis the layout
                                            proves (LayoutWarning where it cannot); private inputs
                                            (passes/private_inputs.py)
-    prepare    fxsparse/api.py             capture + layout + place + splice; sparsify = prepare + calibrate
-                                           + alpha
+    prepare    fxsparse/api.py             Recipe (the intent, one frozen object, one meta key); capture ->
+                                           propagate shapes -> layout -> place -> splice; sparsify = prepare
+                                           + calibrate + alpha
     calibrate  fxsparse/calibrate/         exact per-channel mean/std of each site's input over data
                                            (stats.py: the one formula; checkpoint.py; distributed.py: across
                                            processes; compiled.py: as one compiled program; diagnose.py:
@@ -69,7 +70,7 @@ from fxsparse.capture import capture
 from fxsparse.calibrate import calibrate
 from fxsparse.operators import set_alpha, straight_through
 from fxsparse.audit import Audit, SiteRecord, audit
-from fxsparse.api import prepare, sparsify
+from fxsparse.api import Recipe, prepare, sparsify
 from fxsparse.files.persist import load, save
 from fxsparse.files.authors_checkpoint import from_meansparse
 from fxsparse.compile.backend import MeanSparseBackend, backend, statistics
@@ -83,7 +84,7 @@ from fxsparse._version import __version__  # noqa: F401
 
 __all__ = [
     # the pipeline
-    "sparsify", "prepare", "calibrate", "set_alpha", "audit", "straight_through", "save", "load",
+    "sparsify", "prepare", "Recipe", "calibrate", "set_alpha", "audit", "straight_through", "save", "load",
     "from_meansparse", "with_normalization", "normalization_of",
     # the operator and its kernels
     "MeanSparse", "meansparse_ops", "set_eager_kernel", "eager_kernel",

@@ -11,8 +11,15 @@ Node keys:
 GraphModule keys:
     CAPTURE_META            the CaptureReport: which capture path was taken and why
     SHAPES_META             "fake" or "real": how shapes were propagated
-    PREPARE_META            what fxsparse.prepare was asked (selection, inputs, placement), for fxsparse.load
+    PREPARE_META            what fxsparse.prepare was asked (its Recipe's record and the example call, written
+                            once), for fxsparse.load and calibration's batch checks
+
+`sparsified_part` is the one lookup of the GraphModule that carries PREPARE_META inside a model.
 """
+from typing import Optional
+
+from torch import fx, nn
+
 PATH_META = "fxsparse_path"
 ACTIVATION_MODULE_META = "fxsparse_activation_module"
 SHAPE_META = "fxsparse_shape"
@@ -23,3 +30,13 @@ LAYOUT_META = "fxsparse_layout"
 CAPTURE_META = "fxsparse_capture"
 SHAPES_META = "fxsparse_shapes"
 PREPARE_META = "fxsparse_prepare"
+
+
+def sparsified_part(model: nn.Module) -> Optional[fx.GraphModule]:
+    """The GraphModule fxsparse.prepare made: `model` itself, or the one inside it (the part that
+    `prepare(..., submodule=)` replaced, or a prepared model wrapped by with_normalization); None when there is
+    none, or several."""
+    if isinstance(model, fx.GraphModule) and PREPARE_META in model.meta:
+        return model
+    parts = [m for m in model.modules() if isinstance(m, fx.GraphModule) and PREPARE_META in m.meta]
+    return parts[0] if len(parts) == 1 else None

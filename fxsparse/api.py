@@ -12,10 +12,10 @@ comes back with the part replaced by the sparsified GraphModule.
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 import itertools
 import warnings
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -23,30 +23,88 @@ from torch import fx, nn
 from fxsparse.util import first_line
 from fxsparse._meta import PREPARE_META, SITE_META
 from fxsparse.calibrate import calibrate
+from fxsparse.capture import check_method, copy_model, shapes_step
 from fxsparse.capture import capture as capture_model
-from fxsparse.capture import copy_model
 from fxsparse.passes.layout import analyze as analyze_layout
 from fxsparse.operators import set_alpha
 from fxsparse.errors import (CalibrationError, CaptureError, FxsparseTypeError, FxsparseValueError,
-                             NoActivationWarning)
-from fxsparse.inputs import Call, as_call, call_record, default_example_inputs, forward_parameters, read_batch
+                             NoActivationWarning, SelectionError)
+from fxsparse.inputs import Call, as_call, call_record, default_example_inputs, example_call
 from fxsparse.ops import meansparse_ops
 from fxsparse.passes.locate import Selection, as_selection
+from fxsparse.passes.placement import DEFAULT as DEFAULT_PLACEMENT
 from fxsparse.passes.placement import place
 from fxsparse.passes.placement import resolve as resolve_placement
 from fxsparse.passes.splice import splice
 
 
-def prepare_record(select: Any, call: Call, capture: Optional[str], model: Optional[nn.Module] = None
-                   ) -> Dict[str, Any]:
-    """What `prepare` was asked, as JSON-able data, so that `load` can ask it again."""
-    sel = as_selection(select)
-    return {
-        "select": {"kinds": None if sel.kinds is None else list(sel.kinds),
-                   "include": list(sel.include), "exclude": list(sel.exclude)},
-        **call_record(as_call(call), model),
-        "capture": capture,
-    }
+# -- the user's intent, as one object --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What `prepare` is asked, validated once (as pt2e's quantizer config): which sites (`selection`), where
+    the operators go (`placement`, resolved policy names), the channel axes the user decides (`channel_dims`,
+    (site name or module-path glob, axis) pairs in order) and the capture path. `prepare`'s keywords build
+    one; `gm.meta[PREPARE_META]` records it (with the example call) and `fxsparse.save` writes it, so that
+    `fxsparse.load` can ask `prepare` the same again."""
+
+    selection: Selection = Selection()
+    placement: Tuple[str, ...] = DEFAULT_PLACEMENT
+    channel_dims: Tuple[Tuple[str, int], ...] = ()
+    capture: str = "auto"
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: normalise the fields once, here
+        set_(self, "selection", as_selection(self.selection))
+        set_(self, "placement", resolve_placement(self.placement))
+        dims = self.channel_dims.items() if isinstance(self.channel_dims, Mapping) else (self.channel_dims or ())
+        for pair in dims:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                    and isinstance(pair[1], int) and not isinstance(pair[1], bool)):
+                raise SelectionError(f"channel_dims must map site names or module-path globs to int axes "
+                                     f"({{'layer1.*': 1}}), got the entry {pair!r}")
+        set_(self, "channel_dims", tuple(dims))
+        check_method(self.capture)
+
+    @classmethod
+    def of(cls, recipe: Optional["Recipe"] = None, **keywords) -> "Recipe":
+        """The recipe `prepare` / `sparsify` work from: the one passed, or one built from the keywords given
+        (None: left at its default), never both."""
+        given = {k: v for k, v in keywords.items() if v is not None}
+        if recipe is None:
+            return cls(**{("selection" if k == "select" else k): v for k, v in given.items()})
+        if not isinstance(recipe, Recipe):
+            raise FxsparseTypeError(f"recipe must be a fxsparse.Recipe, got {type(recipe).__name__}")
+        if given:
+            raise FxsparseValueError(f"give recipe= or the keywords {sorted(given)}, not both: the recipe holds "
+                                     "them (dataclasses.replace(recipe, ...) changes one)")
+        return recipe
+
+    def to_record(self) -> Dict[str, Any]:
+        """The recipe as JSON-able data (what `save` writes)."""
+        sel = self.selection
+        return {"select": {"kinds": None if sel.kinds is None else list(sel.kinds),
+                           "include": list(sel.include), "exclude": list(sel.exclude)},
+                "placement": list(self.placement), "channel_dims": dict(self.channel_dims),
+                "capture": self.capture}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Recipe":
+        """The recipe `to_record` wrote (KeyError / TypeError where a field is missing or malformed)."""
+        sel = record["select"]
+        return cls(Selection(kinds=None if sel["kinds"] is None else tuple(sel["kinds"]),
+                             include=tuple(sel["include"]), exclude=tuple(sel["exclude"])),
+                   tuple(record["placement"]), tuple((str(k), v) for k, v in record["channel_dims"].items()),
+                   record["capture"])
+
+
+def prepare_record(recipe: Recipe, call: Call, model: nn.Module, submodule: Optional[str] = None,
+                   model_inputs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """What `gm.meta[PREPARE_META]` holds, written once: the recipe, the example call (shapes, nesting, input
+    names) and, for a part, its path and the whole model's inputs."""
+    record = {**recipe.to_record(), **call_record(call, model)}
+    if submodule is not None:
+        record.update(submodule=submodule, model_inputs=dict(model_inputs or {}))
+    return record
 
 
 def prepare(
@@ -54,10 +112,11 @@ def prepare(
     example_inputs: Union[None, torch.Tensor, Sequence[Any], Mapping[str, Any]] = None,
     select: Union[None, Selection, Mapping[str, Any], str, Sequence[str]] = None,
     *,
-    capture: str = "auto",
+    capture: Optional[str] = None,
     placement: Union[None, str, Sequence[str]] = None,
     submodule: Optional[str] = None,
     channel_dims: Optional[Mapping[str, int]] = None,
+    recipe: Optional[Recipe] = None,
 ) -> nn.Module:
     """Capture `model` and splice an uncalibrated MeanSparse (alpha = 0) in front of every selected activation.
 
@@ -68,24 +127,24 @@ def prepare(
             matter; nothing is trained.
         select: which sites: a list of kind names, or a Selection / dict with `kinds`, `include` and
             `exclude` (glob patterns over site names such as "layer4.*").
-        capture: "auto" (FX, falling back to torch.export; see fxsparse.capture), "fx" or "export".
+        capture: "auto" (the default: FX, falling back to torch.export; see fxsparse.capture), "fx" or "export".
         placement: where operators go (passes/placement.py): "activations" (default), "residual",
             "residual_branch", "mlp_out", a preset ("convnext", "swin"), or a list of them.
         submodule: sparsify only this part (a module path such as "backbone"); `example_inputs` are then the
             whole model's inputs, and a copy of the whole model is returned with the part replaced.
-
         channel_dims: {site name or module-path glob: channel axis}, for sites whose axis the layout analysis
             cannot prove (fxsparse warns with a LayoutWarning naming them); it wins over the analysis.
+        recipe: a fxsparse.Recipe holding select, placement, channel_dims and capture at once (instead of
+            those keywords, not with them).
 
     Returns a GraphModule, or with `submodule` a copy of `model` holding one.
     """
     _check_module(model)
-    if submodule is not None:
-        call = as_call(example_inputs) if example_inputs is not None else as_call(default_example_inputs(model))
-        return _prepare_part(model, submodule, lambda m: m(*call.args, **call.kwargs), select, capture, placement,
-                             channel_dims)
+    recipe = Recipe.of(recipe, select=select, capture=capture, placement=placement, channel_dims=channel_dims)
     call = as_call(example_inputs) if example_inputs is not None else as_call(default_example_inputs(model))
-    return _prepare_graph(model, call, select, capture, placement, channel_dims, stacklevel=3)
+    if submodule is not None:
+        return _prepare_part(model, submodule, lambda m: m(*call.args, **call.kwargs), recipe)
+    return _prepare_graph(model, call, recipe, stacklevel=3)
 
 
 def _check_module(model) -> None:
@@ -94,24 +153,22 @@ def _check_module(model) -> None:
                                 "model first (e.g. timm.create_model(name)) and pass it")
 
 
-def _prepare_graph(model: nn.Module, call: Call, select, capture: str, placement, channel_dims=None,
-                   stacklevel: int = 3
-                   ) -> fx.GraphModule:
-    gm = capture_model(model, call, capture)  # graph + shapes, checked by running it on fake inputs
+def _prepare_graph(model: nn.Module, call: Call, recipe: Recipe, stacklevel: int = 3, submodule: Optional[str] = None,
+                   model_inputs: Optional[Mapping[str, Any]] = None) -> fx.GraphModule:
+    """The pass, step by step: capture -> propagate shapes -> layout -> place -> splice -> record."""
+    shapes = shapes_step(call)  # every node's shape on fake inputs (passes/shapes.py); capture takes its next
+    gm = capture_model(model, call, capture=recipe.capture, check=shapes)  # path when a graph's shapes fail
     analyze_layout(gm)  # every tensor's channel axis (passes/layout.py), before placement reads it
-    sites = place(gm, select, placement)
-    gm = splice(gm, sites, channel_dims)
-    gm.meta[PREPARE_META] = prepare_record(select, call, capture, model)  # what fxsparse.load needs to redo this
-    if channel_dims:
-        gm.meta[PREPARE_META]["channel_dims"] = {str(k): int(v) for k, v in channel_dims.items()}
-    if placement is not None:
-        gm.meta[PREPARE_META]["placement"] = list(resolve_placement(placement))
+    sites = place(gm, recipe.selection, recipe.placement)
+    gm = splice(gm, sites, dict(recipe.channel_dims))
     if not sites:
-        where = "activation" if placement is None else f"site for placement {list(resolve_placement(placement))}"
+        where = ("activation" if recipe.placement == DEFAULT_PLACEMENT
+                 else f"site for placement {list(recipe.placement)}")
         warnings.warn(NoActivationWarning(
             f"{type(model).__name__} has no {where} that the selection takes, so fxsparse returns the captured "
             "model unchanged (no MeanSparse operators); check `select`, or add the model's activation with "
             "fxsparse.register_activation"), stacklevel=stacklevel)
+    gm.meta[PREPARE_META] = prepare_record(recipe, call, model, submodule, model_inputs)  # for fxsparse.load
     return gm
 
 
@@ -165,27 +222,24 @@ def record_calls(model: nn.Module, part: nn.Module, run: Callable[[nn.Module], A
     return seen["part"], seen.get("model", seen["part"])
 
 
-def _prepare_part(model: nn.Module, path: str, run: Callable[[nn.Module], Any], select, capture, placement,
-                  channel_dims=None) -> nn.Module:
+def _prepare_part(model: nn.Module, path: str, run: Callable[[nn.Module], Any], recipe: Recipe) -> nn.Module:
     whole = copy_model(model)
     part = _submodule(whole, path)
     part_call, model_call = record_calls(whole, part, run)
-    return splice_part(whole, path, part_call, call_record(model_call, model), select, capture, placement,
-                       channel_dims)
+    return splice_part(whole, path, part_call, call_record(model_call, model), recipe)
 
 
-def splice_part(whole: nn.Module, path: str, part_call: Call, model_inputs: Mapping[str, Any], select, capture,
-                placement, channel_dims=None) -> nn.Module:
+def splice_part(whole: nn.Module, path: str, part_call: Call, model_inputs: Mapping[str, Any], recipe: Recipe
+                ) -> nn.Module:
     """Prepare the part of `whole` (the caller's copy) at `path` on `part_call` and put the GraphModule in its
     place; site names get the part's path as prefix ("backbone.body.layer1.0.relu")."""
     part = _submodule(whole, path)
-    gm = _prepare_graph(part, part_call, select, capture, placement, channel_dims, stacklevel=4)
+    gm = _prepare_graph(part, part_call, recipe, stacklevel=4, submodule=path, model_inputs=model_inputs)
     for op in meansparse_ops(gm).values():
         op.site, op.module_path = f"{path}.{op.site}", f"{path}.{op.module_path}"
     for node in gm.graph.nodes:
         if SITE_META in node.meta:
             node.meta[SITE_META] = f"{path}.{node.meta[SITE_META]}"
-    gm.meta[PREPARE_META].update(submodule=path, model_inputs=dict(model_inputs))
     for key, value in vars(part).items():  # plain attributes the parent may read (backbone.out_channels)
         if (not key.startswith("_") and key not in vars(gm) and key != "training"
                 and isinstance(value, (bool, int, float, str, tuple, list, dict, type(None)))):
@@ -226,37 +280,6 @@ def _first_batch(data: Iterable):
     return first, _OnePass(data, first, iterator)
 
 
-TARGET_NAMES = ("labels", "label", "targets", "target")
-
-
-def _call_of_batch(model: nn.Module, batch: Any) -> Call:
-    """Example inputs read off a batch: the keys of a dict batch that name forward parameters, as keywords,
-    except targets ('labels', 'target': Hugging Face models take them to compute a loss, which calibration
-    does not need and the graph would then always require; give example_inputs to capture with them)."""
-    if isinstance(batch, Mapping):
-        params = [p for p in forward_parameters(model) or [] if p not in TARGET_NAMES]
-        taken = {k: v for k, v in batch.items() if k in params and isinstance(v, torch.Tensor)}
-        if taken:
-            return Call((), taken)
-    required = _required_parameters(model)
-    if isinstance(batch, (tuple, list)) and len(required) > 1:
-        raise CalibrationError(
-            f"{type(model).__name__} takes {len(required)} inputs ({', '.join(required)}), but a "
-            f"{type(batch).__name__} batch is read as (input, target): give dict batches "
-            f"{{{', '.join(repr(k) + ': ...' for k in required)}}}, or example_inputs=({', '.join(required)}) "
-            "with forward_loop=fn, where fn(model) calls the model on your batches")
-    return read_batch(batch)
-
-
-def _required_parameters(model: nn.Module):
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-            and p.default is inspect.Parameter.empty]
-
-
 def sparsify(
     model: nn.Module,
     data: Optional[Iterable],
@@ -266,9 +289,10 @@ def sparsify(
     example_inputs=None,
     forward_loop: Optional[Callable[[nn.Module], Any]] = None,
     submodule: Optional[str] = None,
-    capture: str = "auto",
+    capture: Optional[str] = None,
     placement: Union[None, str, Sequence[str]] = None,
     channel_dims: Optional[Mapping[str, int]] = None,
+    recipe: Optional[Recipe] = None,
     max_batches: Optional[int] = None,
     progress: Optional[bool] = None,
     checkpoint=None,
@@ -280,10 +304,12 @@ def sparsify(
     names), or `forward_loop=fn` with `data=None`, where `fn(model)` calls the model on the user's own batches.
     Example inputs default to the first batch (or the first call of `forward_loop`); `data` is iterated
     once for them and the first calibration pass together. `submodule` sparsifies that part only (see
-    `prepare`) and returns a copy of the whole model. `checkpoint` / `checkpoint_every` make the calibration
+    `prepare`) and returns a copy of the whole model; `select`, `capture`, `placement`, `channel_dims` or
+    `recipe` say what to prepare, as in `prepare`. `checkpoint` / `checkpoint_every` make the calibration
     resumable (see `fxsparse.calibrate`).
     """
     _check_module(model)
+    recipe = Recipe.of(recipe, select=select, capture=capture, placement=placement, channel_dims=channel_dims)
     if (data is None) == (forward_loop is None):
         raise CalibrationError("give calibration data or forward_loop=fn (fn(model) runs the model on your "
                                "batches), not " + ("both" if data is not None else "neither"))
@@ -292,15 +318,15 @@ def sparsify(
     call = as_call(example_inputs) if example_inputs is not None else None
     if call is None and data is not None:
         first, data = _first_batch(data)
-        call = _call_of_batch(model, first)
+        call = example_call(model, first)
     if submodule is not None:
         run = (lambda m: m(*call.args, **call.kwargs)) if call is not None else forward_loop
-        gm = _prepare_part(model, submodule, run, select, capture, placement, channel_dims)
+        gm = _prepare_part(model, submodule, run, recipe)
     else:
         if call is None:  # the first call of the user's loop, on a copy
             copied = copy_model(model)
             call, _ = record_calls(copied, copied, forward_loop)
-        gm = _prepare_graph(model, call, select, capture, placement, channel_dims, stacklevel=3)
+        gm = _prepare_graph(model, call, recipe, stacklevel=3)
     if not meansparse_ops(gm):  # prepare has warned: nothing to calibrate
         return gm
     calibrate(gm, data, forward_loop=forward_loop, max_batches=max_batches, progress=progress,

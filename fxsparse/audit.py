@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 from torch import fx, nn
 
 from fxsparse.errors import FxsparseValueError
-from fxsparse._meta import CAPTURE_META, SITE_META
+from fxsparse._meta import CAPTURE_META, sparsified_part, SITE_META
 from fxsparse.calibrate.stats import replaced_fraction
 from fxsparse.ops import MeanSparse, meansparse_ops
 
@@ -138,10 +138,8 @@ class Audit(List[SiteRecord]):
 def audit(model: nn.Module) -> Audit:
     """One record per MeanSparse site of `model`, in graph order."""
     records = [_record(op) for op in meansparse_ops(model).values()]
-    if not isinstance(model, fx.GraphModule):  # a model with a sparsified part (prepare(..., submodule=))
-        model = next((m for m in model.modules() if isinstance(m, fx.GraphModule) and CAPTURE_META in m.meta),
-                     model)
-    report = getattr(model, "meta", {}).get(CAPTURE_META) if isinstance(model, fx.GraphModule) else None
+    model = sparsified_part(model) or model  # a model with a sparsified part (prepare(..., submodule=))
+    report = model.meta.get(CAPTURE_META) if isinstance(model, fx.GraphModule) else None
     capture = report.as_dict() if report is not None else {}
     graph = model.graph if isinstance(model, fx.GraphModule) else None
     return Audit(records, capture, graph)

@@ -12,9 +12,10 @@ A calibration batch is read by one rule (`read_batch`), checked against the call
     is refused with that fix, never guessed around;
   - a dict whose keys name inputs of the graph (`{"image1": a, "image2": b}`, `{"pixel_values": x,
     "labels": y}`) passes those keys as keyword arguments; other keys (labels the graph does not take) are
-    left out. Without a record of what prepare saw, the keys 'input', 'image', 'pixel_values', 'x' are read.
-    `sparsify` takes its example inputs from the first batch the same way, leaving out targets ('labels',
-    'target'), so that the graph is the inference program.
+    left out. Without names to go by, the input is under 'input' or 'image' (INPUT_KEYS; evaluation reads
+    the label under TARGET_KEYS: 'label', 'labels', 'target', 'targets'). `sparsify` takes its example
+    inputs from the first batch the same way (`example_call`), leaving out targets, so that the graph is the
+    inference program.
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ import torch
 from torch import fx, nn
 
 from fxsparse.util import model_state
-from fxsparse._meta import PREPARE_META
+from fxsparse._meta import PREPARE_META, sparsified_part
 from fxsparse.errors import CalibrationError, FxsparseTypeError, FxsparseValueError
 
-LEGACY_KEYS = ("input", "inputs", "image", "images", "pixel_values", "x")
+# The one key vocabulary of dict batches without names to go by: where the input and the target are.
+INPUT_KEYS = ("input", "image")
+TARGET_KEYS = ("label", "labels", "target", "targets")
 
 
 @dataclasses.dataclass
@@ -165,14 +168,15 @@ def forward_parameters(model: nn.Module) -> Optional[List[str]]:
 
 # -- reading a calibration batch ---------------------------------------------------------------------------
 def find_record(model: nn.Module) -> Optional[Mapping[str, Any]]:
-    """What `prepare` recorded for `model`: its own record, or the one of the sparsified submodule inside it
-    (which describes the whole model's inputs)."""
-    if isinstance(model, fx.GraphModule) and PREPARE_META in model.meta:
-        return model.meta[PREPARE_META]
-    for m in model.modules():
-        if isinstance(m, fx.GraphModule) and m.meta.get(PREPARE_META, {}).get("submodule"):
-            return m.meta[PREPARE_META]["model_inputs"]
-    return None
+    """What `prepare` recorded about `model`'s inputs: its own record, or for a model with a sparsified part
+    (prepare(..., submodule=)) the whole model's inputs the part recorded."""
+    part = sparsified_part(model)
+    if part is None:
+        return None
+    record = part.meta[PREPARE_META]
+    if part is model:
+        return record
+    return record["model_inputs"] if record.get("submodule") else None
 
 
 def _kind(value) -> str:
@@ -210,14 +214,14 @@ def read_batch(batch: Any, record: Optional[Mapping[str, Any]] = None) -> Call:
                     raise CalibrationError(f"calibration batch (a dict with keys {sorted(batch)[:8]}) lacks the "
                                            f"model input(s) {missing} that fxsparse.prepare was given")
                 return Call((), taken)
-        for key in LEGACY_KEYS:
-            if isinstance(batch.get(key), torch.Tensor):
-                if tree and n_args > 1:
-                    raise CalibrationError(_several_inputs(names, n_args, f"a dict with keys {sorted(batch)[:8]}"))
-                return Call((batch[key],))
+        x = keyed(batch, INPUT_KEYS)
+        if isinstance(x, torch.Tensor):
+            if tree and n_args > 1:
+                raise CalibrationError(_several_inputs(names, n_args, f"a dict with keys {sorted(batch)[:8]}"))
+            return Call((x,))
         raise CalibrationError(
             f"cannot read model inputs from a dict batch with keys {sorted(batch)[:8]}: give keys that name the "
-            f"model's inputs ({names or 'its forward parameters'}), or an 'input' / 'image' tensor")
+            f"model's inputs ({names or 'its forward parameters'}), or an {' / '.join(map(repr, INPUT_KEYS))} tensor")
     if isinstance(batch, (tuple, list)) and batch:
         first = batch[0]
         if tree and n_args > 1:
@@ -242,6 +246,40 @@ def read_batch(batch: Any, record: Optional[Mapping[str, Any]] = None) -> Call:
         "(input, target) pairs, dicts keyed by the model's input names, or forward_loop=")
 
 
+def keyed(batch: Mapping[str, Any], keys: Sequence[str]):
+    """The value of the first of `keys` that `batch` holds, or None."""
+    return next((batch[k] for k in keys if k in batch), None)
+
+
+def example_call(model: nn.Module, batch: Any) -> Call:
+    """Example inputs read off a first calibration batch: the keys of a dict batch that name forward parameters,
+    as keywords, except targets (TARGET_KEYS: Hugging Face models take 'labels' to compute a loss, which
+    calibration does not need and the graph would then always require; give example_inputs to capture with
+    them); otherwise `read_batch`'s rule."""
+    if isinstance(batch, Mapping):
+        params = [p for p in forward_parameters(model) or [] if p not in TARGET_KEYS]
+        taken = {k: v for k, v in batch.items() if k in params and isinstance(v, torch.Tensor)}
+        if taken:
+            return Call((), taken)
+    required = _required_parameters(model)
+    if isinstance(batch, (tuple, list)) and len(required) > 1:
+        raise CalibrationError(
+            f"{type(model).__name__} takes {len(required)} inputs ({', '.join(required)}), but a "
+            f"{type(batch).__name__} batch is read as (input, target): give dict batches "
+            f"{{{', '.join(repr(k) + ': ...' for k in required)}}}, or example_inputs=({', '.join(required)}) "
+            "with forward_loop=fn, where fn(model) calls the model on your batches")
+    return read_batch(batch)
+
+
+def _required_parameters(model: nn.Module) -> List[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is inspect.Parameter.empty]
+
+
 def _several_inputs(names, n: int, got: str) -> str:
     which = f" ({', '.join(names)})" if names else ""
     example = ", ".join(f"'{k}': ..." for k in (names or ["image1", "image2"]))
@@ -262,7 +300,7 @@ def iter_batches(data: Any, batch_size: int = 256, max_examples: Optional[int] =
     seen = 0
     for batch in source:
         if isinstance(batch, Mapping):
-            batch = (batch.get("image", batch.get("input")), batch.get("label", batch.get("target")))
+            batch = (keyed(batch, INPUT_KEYS), keyed(batch, TARGET_KEYS))
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
                 and isinstance(batch[1], torch.Tensor)):
             raise FxsparseTypeError(f"evaluation needs (input, label) batches of tensors, got {type(batch).__name__}; "

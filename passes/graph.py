@@ -1,7 +1,8 @@
-"""Graph utilities: what a node is (a pass-through, a channel-fixing producer, a norm) and one walk.
+"""Graph utilities: what a node is (an identity, a pass-through, a channel-fixing producer, a norm) and one walk.
 
 The predicates read the op-name vocabulary (passes/vocabulary.py); `walk` is the one traversal the passes
-use to search forward or back from some nodes, each node visited once.
+use to search forward or back from some nodes, each node visited once, and `back_through` the one step back
+along a chain of single-input nodes.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from torch import fx
 
 from fxsparse.util import submodule_of
 from fxsparse.passes.kinds import kind_of_aten, kind_of_function, kind_of_method, kind_of_module
-from fxsparse.passes.vocabulary import (FIRST_MODULES, FIRST_NORM_MODULES, FIRST_OPS, LAST_MODULES, LAST_OPS,
-                                        NORM_MODULES, NORM_OPS, PASS_MODULE_NAMES, PASS_MODULES, UNARY_OPS, op_name)
+from fxsparse.passes.vocabulary import (FIRST_MODULES, FIRST_NORM_MODULES, FIRST_OPS, IDENTITY_MODULE_NAMES,
+                                        IDENTITY_MODULES, LAST_MODULES, LAST_OPS, NORM_MODULES, NORM_OPS, PASS_MODULE_NAMES, PASS_MODULES, UNARY_OPS, op_name)
 
 
 def walk(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> Iterator[fx.Node]:
@@ -27,6 +28,16 @@ def walk(starts: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]
         seen.add(n)
         yield n
         stack.extend(step(n))
+
+
+def back_through(node: fx.Node, passes: Callable[[fx.Node], bool]) -> fx.Node:
+    """The node reached by stepping back from `node` over nodes that `passes` and that have one input node
+    (dropout, identity, ...): the other walk, along one chain instead of a graph."""
+    seen = set()
+    while node not in seen and passes(node) and len(node.all_input_nodes) == 1:
+        seen.add(node)
+        node = node.all_input_nodes[0]
+    return node
 
 
 def int_list(value) -> Optional[List[int]]:
@@ -65,6 +76,13 @@ def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.args[1] == 0 and is_norm(gm, node.args[0])
     return node.op in ("call_function", "call_method") and op_name(node) in NORM_OPS
 
+
+
+def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` is a module that returns its input unchanged at inference (identity, dropout, drop
+    path): the narrowest pass-through (its tables are part of `is_pass`'s, passes/vocabulary.py)."""
+    mod = submodule_of(gm, node)
+    return mod is not None and (isinstance(mod, IDENTITY_MODULES) or type(mod).__name__ in IDENTITY_MODULE_NAMES)
 
 
 def is_pass(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -85,8 +85,7 @@ class Site:
 
 
 def _bound_inplace(fn, node: fx.Node) -> bool:
-    if target_name(fn, strip=True) != (getattr(getattr(fn, "overloadpacket", None), "__name__", None)
-                           or getattr(fn, "__name__", "")):
+    if target_name(fn, strip=True) != target_name(fn):
         return True  # the name lost a trailing underscore: relu_, aten.silu_, ...
     if node.kwargs.get("inplace") is True:
         return True

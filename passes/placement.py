@@ -36,7 +36,7 @@ from fxsparse._meta import PATH_META
 from fxsparse.util import free_name, submodule_of
 from fxsparse.errors import SelectionError
 from fxsparse.passes.kinds import kind_of_function, kind_of_method, kind_of_module
-from fxsparse.passes.graph import is_norm, walk
+from fxsparse.passes.graph import back_through, is_identity, is_norm, walk
 from fxsparse.passes.layout import layout_of
 from fxsparse.passes.locate import Site, as_selection, check_globs, locate, scoped_name
 from fxsparse.passes.shapes import node_shape
@@ -49,20 +49,13 @@ PRESETS: Dict[str, Tuple[str, ...]] = {
 }
 DEFAULT = ("activations",)
 
+
 def _is_add(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and op_name(node) in ADD_OPS
 
 
-def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
-    mod = submodule_of(gm, node)
-    return mod is not None and (isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd))
-                                or type(mod).__name__ == "DropPath")
-
-
 def _through_identities(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    while _is_identity(gm, node) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
+    return back_through(node, lambda n: is_identity(gm, n))
 
 
 def _ancestors(node: fx.Node) -> Set[fx.Node]:
@@ -229,12 +222,8 @@ def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _back_through_layers(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Step back over identity, dropout and LayerNorm-style layers (timm's Mlp puts a norm before fc2)."""
-    while node.args and isinstance(node.args[0], fx.Node):
-        mod = submodule_of(gm, node)
-        if not (_is_identity(gm, node) or isinstance(mod, (nn.LayerNorm, nn.GroupNorm))):
-            break
-        node = node.args[0]
-    return node
+    return back_through(node, lambda n: is_identity(gm, n)
+                        or isinstance(submodule_of(gm, n), (nn.LayerNorm, nn.GroupNorm)))
 
 
 def _parent(path: str) -> str:

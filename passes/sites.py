@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from fxsparse.util import submodule_of
 from fxsparse.errors import SelectionError
-from fxsparse.passes.graph import int_list, is_pass, walk
+from fxsparse.passes.graph import back_through, int_list, is_pass, walk
 from fxsparse.passes.layout import layout_of
 from fxsparse.passes.shapes import node_shape
 from fxsparse.passes.vocabulary import CONV_GROUPS_ARG, NORM_WEIGHT_ARG, op_name
@@ -102,15 +102,6 @@ def rank_default(ndim: int) -> int:
     return ndim - 1 if ndim == 3 else 1
 
 
-def _back_to_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """Step back over single-input pass-through ops (dropout, identity, activations) to the producing node."""
-    seen = set()
-    while node not in seen and is_pass(gm, node) and len(node.all_input_nodes) == 1:
-        seen.add(node)
-        node = node.all_input_nodes[0]
-    return node
-
-
 def _forward_consumers(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> List[fx.Node]:
     """The nodes that read `nodes` through single-input pass-through ops."""
     forwards = lambda n: n.users if is_pass(gm, n) and len(n.all_input_nodes) == 1 else ()  # noqa: E731
@@ -120,7 +111,7 @@ def _forward_consumers(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> List[fx.
 def declared_counts(gm: fx.GraphModule, source: fx.Node, consumers: Sequence[fx.Node] = ()) -> List[Tuple[int, str]]:
     """Channel counts fixed by parameters: the producer's outputs, the consumers' inputs."""
     found = []
-    out = declared_out(gm, _back_to_module(gm, source))
+    out = declared_out(gm, back_through(source, lambda n: is_pass(gm, n)))
     if out is not None:
         found.append(out)
     for c in _forward_consumers(gm, list(consumers) or list(source.users)):
@@ -152,7 +143,7 @@ def decide(gm: fx.GraphModule, source: fx.Node, shape: Sequence[int], *, consume
     counts = declared_counts(gm, source, consumers)
     if fact.dim is not None or hint is not None:
         dim, rule = (fact.dim, fact.rule) if fact.dim is not None else hint
-        out = declared_out(gm, _back_to_module(gm, source))
+        out = declared_out(gm, back_through(source, lambda n: is_pass(gm, n)))
         if out is not None and shape[dim] != out[0] and out[0] in shape[1:]:
             return Decision(dim, rule, problem=f"axis {dim} (size {shape[dim]}, from {rule}) contradicts {out[1]}")
         return Decision(dim, rule)

@@ -65,12 +65,15 @@ LAST_MODULES = (nn.Linear, nn.Bilinear, nn.MultiheadAttention, nn.LayerNorm) + t
     c for c in (getattr(nn, "RMSNorm", None),) if c is not None) + _classes(("RmsNorm", "SimpleNorm", "LayerNormFp32"))
 NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + FIRST_NORM_MODULES + tuple(
     c for c in (getattr(nn, "RMSNorm", None),) if c is not None) + _classes(("RmsNorm",))
-PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, MeanSparse, nn.modules.pooling._MaxPoolNd,
+# modules that return their input unchanged at inference (placement looks through them for residual joins)
+IDENTITY_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
+IDENTITY_MODULE_NAMES = {"DropPath", "DropBlock2d", "Identity"}
+PASS_MODULES = IDENTITY_MODULES + (MeanSparse, nn.modules.pooling._MaxPoolNd,
                 nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
                 nn.modules.pooling._AdaptiveMaxPoolNd, nn.Upsample, nn.modules.padding._ConstantPadNd,
                 nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd, nn.PixelShuffle,
                 nn.Softmax, nn.LogSoftmax)
-PASS_MODULE_NAMES = {"DropPath", "DropBlock2d", "Identity", "LayerScale", "LayerScale2d"}
+PASS_MODULE_NAMES = IDENTITY_MODULE_NAMES | {"LayerScale", "LayerScale2d"}
 RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 
 

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import fxsparse
+from fxsparse._meta import CAPTURE_META
 
 C = 6
 
@@ -59,3 +60,22 @@ def test_no_capture_path_names_every_reason():
     assert "fx:" in str(info.value) and "export:" in str(info.value)
     with pytest.raises(fxsparse.CaptureError, match="capture method"):
         fxsparse.prepare(Hopeless(), torch.randn(2, 3), capture="magic")
+
+
+def test_capture_keyword_and_the_check_each_candidate_passes():
+    """`capture=` names the path in fxsparse.capture as in prepare; `check` (prepare's propagate-shapes step)
+    runs on every candidate graph, and one it refuses sends capture to the next path, with the reason kept."""
+    model, x = nn.Sequential(nn.Conv2d(3, C, 3), nn.ReLU()).eval(), torch.randn(2, 3, 8, 8)
+    assert fxsparse.capture(model, x, capture="fx").meta[CAPTURE_META].path == "fx"
+    seen = []
+
+    def refuse_fx(gm):
+        seen.append(gm.meta[CAPTURE_META].path)
+        if gm.meta[CAPTURE_META].path == "fx":
+            raise RuntimeError("shapes do not propagate")
+
+    gm = fxsparse.capture(model, x, capture="auto", check=refuse_fx)
+    assert seen == ["fx", "export"] and gm.meta[CAPTURE_META].path == "export"
+    assert "shapes do not propagate" in gm.meta[CAPTURE_META].reasons["fx"]
+    with pytest.raises(fxsparse.CaptureError, match="capture method"):
+        fxsparse.capture(model, x, capture="magic")

@@ -134,7 +134,7 @@ def test_decisions_survive_a_save_and_newer_formats_are_refused(tmp_path):
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(json.loads(f.read(length))["__metadata__"]["fxsparse"])
-    assert header["format_version"] == fxsparse.files.persist.FORMAT_VERSION == 2
+    assert header["format_version"] == fxsparse.files.persist.FORMAT_VERSION == 3
     assert header["prepare"]["channel_dims"] == {"relu": 1}
     assert header["prepare"]["placement"] == ["activations"]
     assert header["prepare"]["select"]["exclude"] == ["relu_1"]

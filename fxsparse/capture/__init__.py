@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import fx, nn
@@ -32,7 +32,7 @@ from fxsparse.capture.guard import InputGuard, graph_inputs, guard
 from fxsparse.capture.quiet import quiet
 from fxsparse.capture.tracer import ActivationTracer, CaptureReport, capture_fx
 
-__all__ = ["capture", "copy_model", "graph_inputs", "quiet", "ActivationTracer", "CaptureReport", "InputGuard",
+__all__ = ["capture", "check_method", "copy_model", "shapes_step", "graph_inputs", "quiet", "ActivationTracer", "CaptureReport", "InputGuard",
            "CAPTURE_METHODS"]
 
 CAPTURE_METHODS = ("auto", "fx", "export")
@@ -55,30 +55,49 @@ def _unbound_defaults(model: nn.Module, call: Call) -> Dict[str, Any]:
 def capture(
     model: nn.Module,
     example_inputs=None,
-    method: str = "auto",
+    capture: str = "auto",
     concrete_args: Optional[Dict[str, Any]] = None,
+    *,
+    check: Optional[Callable[[fx.GraphModule], None]] = None,
 ) -> fx.GraphModule:
     """An eval-mode GraphModule of a deep copy of `model`; `gm.meta[CAPTURE_META]` says how and why.
 
     example_inputs: a tensor, the tuple of positional arguments (as torch.export takes them), or a dict of
     keyword tensors (fxsparse/inputs.py).
-    method: "fx" (symbolic tracing), "export" (`torch.export`, needs example inputs), or "auto": FX when it
+    capture: "fx" (symbolic tracing), "export" (`torch.export`, needs example inputs), or "auto": FX when it
     captures the model with every activation visible; `torch.export` when FX fails or leaves no-trace modules
     opaque; FX with operators inside the opaque modules when export fails too.
+    check: run on each candidate graph; one that raises counts as a failed capture, and the next path is
+    tried. Default, with `example_inputs`: `shapes_step` (the graph runs on fake tensors, no compute, and
+    every node's shape is recorded for the splice pass, passes/shapes.py); `prepare` names that step itself.
 
-    With `example_inputs`, the graph is checked by running it on them (fake tensors: no compute) and every
-    node's shape is recorded for the splice pass (passes/shapes.py); a graph that does not run counts as a
-    failed capture. What torch prints or logs on the way (a failed attempt's traceback, export's guards) is
-    kept out of the terminal (FXSPARSE_DEBUG=1 lets it through); a failure raises one CaptureError whose
-    __cause__ is torch's error.
+    What torch prints or logs on the way (a failed attempt's traceback, export's guards) is kept out of the
+    terminal (FXSPARSE_DEBUG=1 lets it through); a failure raises one CaptureError whose __cause__ is torch's
+    error.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
-    if method not in CAPTURE_METHODS:
-        raise CaptureError(f"capture method must be one of {CAPTURE_METHODS}, got {method!r}")
+    check_method(capture)
     call = as_call(example_inputs) if example_inputs is not None else None
+    if check is None and call is not None:
+        check = shapes_step(call)
     with quiet():
-        return _capture(model, call, method, concrete_args)
+        return _capture(model, call, capture, concrete_args, check or (lambda gm: None))
+
+
+def check_method(capture: str) -> str:
+    """`capture` if it names a capture path, else the CaptureError saying which do."""
+    if capture not in CAPTURE_METHODS:
+        raise CaptureError(f"capture method must be one of {CAPTURE_METHODS}, got {capture!r}")
+    return capture
+
+
+def shapes_step(call: Call) -> Callable[[fx.GraphModule], None]:
+    """The propagate-shapes step of `prepare`: every node's shape on fake inputs of `call`'s shapes
+    (passes/shapes.py), and how they were found in `gm.meta[SHAPES_META]`; raises where the graph does not run."""
+    def propagate(gm: fx.GraphModule) -> None:
+        gm.meta[SHAPES_META] = propagate_shapes(gm, graph_inputs(gm, call))
+    return propagate
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -92,7 +111,7 @@ def copy_model(model: nn.Module) -> nn.Module:
             "pyramid): run the model under torch.no_grad(), or rebuild it, before sparsifying") from exc
 
 
-def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_args) -> fx.GraphModule:
+def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_args, check) -> fx.GraphModule:
     model = copy_model(original)
     reasons: Dict[str, str] = {}
     errors: Dict[str, BaseException] = {}
@@ -102,8 +121,7 @@ def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_ar
             concrete_args = _unbound_defaults(model, call) or None
         try:
             fx_gm = capture_fx(model, concrete_args)
-            if call is not None:
-                fx_gm.meta[SHAPES_META] = propagate_shapes(fx_gm, graph_inputs(fx_gm, call))
+            check(fx_gm)
         except Exception as exc:
             reasons["fx"], errors["fx"] = first_line(exc), exc
             fx_gm = None
@@ -117,7 +135,7 @@ def _capture(original: nn.Module, call: Optional[Call], method: str, concrete_ar
     if method in ("auto", "export") and call is not None:
         try:  # a fresh copy: tracing can leave proxies in module caches (timm's attention-bias caches)
             gm = export_graph(copy_model(original), call)
-            gm.meta[SHAPES_META] = propagate_shapes(gm, graph_inputs(gm, call))
+            check(gm)
             return _finish(gm, reasons)
         except Exception as exc:
             reasons["export"], errors["export"] = first_line(exc), exc

@@ -3,20 +3,21 @@
 The file (safetensors with a JSON header, see `fxsparse/files/safefile.py`) holds what fxsparse adds to a model and
 nothing of the model itself: per site the buffers `mean`, `std`, `alpha`, `count` and the calibration
 histogram, and in the header the sites (kind, channel axis and how it was decided, channel count), what
-`prepare` was told (selection, placement, channel_dims overrides, example input shapes), the capture path,
-and the fxsparse and torch versions. `load` re-applies the pass to the model it is given exactly as recorded,
-refuses the file if the sites differ in any way (or if a newer fxsparse wrote it), and copies the state in:
+`prepare` was told (its Recipe: selection, placement, channel_dims, capture; example input shapes), the
+capture path, and the fxsparse and torch versions. `load` re-applies the pass to the model it is given exactly as recorded,
+refuses the file if the sites differ in any way (or if another format version holds it), and copies the state in:
 same model weights in, same outputs out, bit for bit.
 
 The header also records a fingerprint of the weights the statistics were calibrated on: statistics are a
 property of those weights, so `load` into the same architecture with other weights (a fine-tuned or
 another checkpoint) refuses unless told `weights_may_differ=True`.
 
-Format versions: 1 (selection, placement, input shapes); 2 adds channel_dims and each site's axis_default
-(and, in later writes, the optional weights fingerprint, absent from older files and then not checked).
+One format version is read, the current one (3: the header's `prepare` is the Recipe's record plus the example
+call); a file in any other is refused, saying to save the model again (or upgrade fxsparse, for a newer one).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -26,18 +27,17 @@ import torch
 from torch import fx, nn
 
 from fxsparse.util import model_state
-from fxsparse._meta import CAPTURE_META, PREPARE_META
+from fxsparse._meta import CAPTURE_META, PREPARE_META, sparsified_part
 from fxsparse._version import __version__
-from fxsparse.api import prepare, splice_part
-from fxsparse.capture import copy_model
+from fxsparse.api import Recipe, prepare, splice_part
+from fxsparse.capture import CAPTURE_METHODS, copy_model
 from fxsparse.errors import FxsparseTypeError, NoActivationWarning, PersistenceError
 from fxsparse.inputs import call_from_record
 from fxsparse.ops import MeanSparse, meansparse_ops
-from fxsparse.passes.locate import Selection
 from fxsparse.files.safefile import read, write
 
 FORMAT = "fxsparse-meansparse"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 BUFFERS = ("mean", "std", "alpha", "count")
 CHECKED_FIELDS = ("kind", "dim", "channels")
 
@@ -62,12 +62,6 @@ def weights_fingerprint(model: nn.Module):
     return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:32]
 
 
-def _selection(saved: Mapping[str, Any]) -> Selection:
-    kinds = saved["kinds"]
-    return Selection(kinds=None if kinds is None else tuple(kinds), include=tuple(saved["include"]),
-                     exclude=tuple(saved["exclude"]))
-
-
 def _site(op: MeanSparse) -> Dict[str, Any]:
     return {"site": op.site, "module_path": op.module_path, "kind": op.kind, "node": op.node, "dim": op.dim,
             "channels": op.channels, "axis_rule": op.axis_rule, "axis_default": op.axis_default,
@@ -77,12 +71,12 @@ def _site(op: MeanSparse) -> Dict[str, Any]:
 def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
     """Write the MeanSparse state of `gm` (from fxsparse.prepare or sparsify) to `path`."""
     gm = getattr(gm, "_orig_mod", gm)  # torch.compile's wrapper: save the module it compiles
-    gm = _sparsified_part(gm)
-    record = gm.meta.get(PREPARE_META) if isinstance(gm, fx.GraphModule) else None
-    if record is None:
+    part = sparsified_part(gm)
+    if part is None or not (part is gm or part.meta[PREPARE_META].get("submodule")):
         raise PersistenceError(f"fxsparse.save takes the GraphModule returned by fxsparse.prepare or sparsify, "
                                f"got a {type(gm).__name__} without fxsparse's record of how it was prepared: pass "
                                "the sparsified model, not the original")
+    gm, record = part, part.meta[PREPARE_META]
     tensors: Dict[str, torch.Tensor] = {}
     for name, op in meansparse_ops(gm).items():
         for buffer in BUFFERS:
@@ -90,23 +84,15 @@ def save(gm: nn.Module, path: "os.PathLike[str] | str") -> None:
         if op.zscore_counts is not None:
             tensors[f"{name}/zscore_edges"], tensors[f"{name}/zscore_counts"] = op.zscore_edges, op.zscore_counts
             tensors[f"{name}/zscore_estimated"] = torch.tensor(bool(op.zscore_estimated))
-    report = gm.meta.get(CAPTURE_META)
+    report = gm.meta[CAPTURE_META]
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "fxsparse_version": __version__, "torch_version": torch.__version__,
-        "capture_path": getattr(report, "path", None), "prepare": record,
+        "capture_path": report.path, "prepare": record,
         "sites": [_site(op) for op in meansparse_ops(gm).values()],
         "weights_fingerprint": weights_fingerprint(gm),
     }
     write(path, tensors, header)
-
-
-def _sparsified_part(model: nn.Module) -> nn.Module:
-    """The GraphModule fxsparse made: the model itself, or the part `prepare(..., submodule=)` replaced."""
-    if isinstance(model, fx.GraphModule) and PREPARE_META in model.meta:
-        return model
-    parts = [m for m in model.modules() if isinstance(m, fx.GraphModule) and m.meta.get(PREPARE_META, {}).get("submodule")]
-    return parts[0] if len(parts) == 1 else model
 
 
 def _example_inputs(model: nn.Module, record: Mapping[str, Any], path: str) -> List[torch.Tensor]:
@@ -180,24 +166,22 @@ def load(model: nn.Module, path: "os.PathLike[str] | str", *, weights_may_differ
                                   "the model again with this fxsparse"))
     try:
         record = header["prepare"]
-        selection, inputs = _selection(record["select"]), _example_inputs(model, record, path)
-        call = call_from_record(record, inputs)
+        recipe = Recipe.from_record(record)
+        call = call_from_record(record, _example_inputs(model, record, path))
         saved_sites = {s["site"]: {field: s[field] for field in CHECKED_FIELDS} for s in header["sites"]}
+        saved_print, taken = header["weights_fingerprint"], header["capture_path"]
     except (KeyError, TypeError, ValueError) as exc:
         raise PersistenceError(f"{path} has an incomplete header ({type(exc).__name__}: {exc}); write it again "
                                "with fxsparse.save") from exc
+    if taken in CAPTURE_METHODS:  # the path the saved graph took, not only the one asked for
+        recipe = dataclasses.replace(recipe, capture=taken)
     with warnings.catch_warnings():
         if saved_sites:  # a model without sites gets the mismatch error below, not a warning as well
             warnings.simplefilter("ignore", NoActivationWarning)
-        told = {"placement": record["placement"]} if record.get("placement") else {}
-        if record.get("channel_dims"):
-            told["channel_dims"] = {str(k): int(v) for k, v in record["channel_dims"].items()}
         if record.get("submodule"):  # a part of the model: the part's recorded inputs, spliced into a copy
-            gm = splice_part(copy_model(model), record["submodule"], call, record["model_inputs"],
-                             selection, header.get("capture_path") or "auto", told.get("placement"),
-                             told.get("channel_dims"))
+            gm = splice_part(copy_model(model), record["submodule"], call, record["model_inputs"], recipe)
         else:
-            gm = prepare(model, call, selection, capture=header.get("capture_path") or "auto", **told)
+            gm = prepare(model, call, recipe=recipe)
     ops = meansparse_ops(gm)
     differences = _differences(saved_sites, ops)
     if differences:
@@ -205,7 +189,7 @@ def load(model: nn.Module, path: "os.PathLike[str] | str", *, weights_may_differ
             f"{path} does not match this model: " + "; ".join(differences)
             + ". It was saved from another architecture, or with another selection or activation registry: load it "
               "into the model it was saved from")
-    saved_print, this_print = header.get("weights_fingerprint"), weights_fingerprint(_sparsified_part(gm))
+    this_print = weights_fingerprint(sparsified_part(gm))
     if saved_print and this_print and saved_print != this_print and not weights_may_differ:
         raise PersistenceError(
             f"{path} was calibrated on other weights than this model's (weights fingerprint {saved_print} in the "
