@@ -23,6 +23,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from fxsparse.config import is_check_bounds
 from fxsparse.errors import FxsparseValueError
 
 
@@ -261,12 +262,32 @@ class MeanSparse(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
+        if not torch.compiler.is_compiling() and is_check_bounds():  # a debug switch; never in a compiled graph
+            check_bounds(self)
         return mean_sparse_bounds(x, self.mean, self.lo, self.hi, self.dim, self.inplace, self.straight_through,
                                   self.tau)
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""
         return f"channels={self.channels}, dim={self.dim}{extra}, site={self.site!r}"
+
+
+def check_bounds(op: MeanSparse) -> None:
+    """Raise if `op.lo` / `op.hi` are not the bounds of its current mean, std and alpha: some write to those
+    buffers skipped `refresh_bounds()` (FXSPARSE_CHECK_BOUNDS / fxsparse.config.set_check_bounds turn this on
+    for every eager call; it syncs with the device)."""
+    if op.mean.is_meta or torch.jit.is_tracing():
+        return
+    with torch.no_grad():
+        lo, hi = bounds(op.mean, op.std, op.alpha)
+        fresh = all(old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+                    and torch.allclose(old, new, rtol=0, atol=0, equal_nan=True)
+                    for old, new in ((op.lo, lo), (op.hi, hi)))
+    if not fresh:
+        raise FxsparseValueError(
+            f"MeanSparse {op.site or 'operator'!r}: its bounds lo / hi are stale (mean, std or alpha was written "
+            "without refreshing them); call op.refresh_bounds() after writing op.mean, op.std or op.alpha "
+            "(fxsparse.set_alpha and calibrate do it for you)")
 
 
 def _refresh_after_load(module: MeanSparse, incompatible_keys) -> None:
