@@ -28,15 +28,50 @@ from fxsparse.errors import FxsparseValueError
 
 
 class _StraightThroughWhere(torch.autograd.Function):
-    """Forward: the MeanSparse output. Backward: the identity (BPDA), for adaptive attacks."""
+    """Forward: the MeanSparse output (written into `x` with `inplace`, eager only). Backward: the identity
+    (BPDA), for adaptive attacks."""
 
     @staticmethod
-    def forward(ctx, x, mean, lo, hi):
-        return _band(x, mean, lo, hi)
+    def forward(ctx, x, mean, lo, hi, inplace=False):
+        if inplace:
+            ctx.mark_dirty(x)
+            return _band_lean(x, mean, lo, hi, True)
+        return _band_no_grad(x, mean, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+class _ExactBand(torch.autograd.Function):
+    """The operator with its own gradient (the input's where it is kept, 0 where it is replaced) from one byte
+    mask: backward is one masked fill, where autograd through `_band`'s two selects keeps two full-size
+    outputs and runs two selects and an add; with `inplace` the result goes straight into `x` (no copy).
+    Eager attacks only (`_exact_band_allowed`); compiled graphs keep `_band`, which Inductor fuses."""
+
+    @staticmethod
+    def forward(x, mean, lo, hi, inplace):
+        inside = _inside(x, lo, hi)
+        return _select(inside, mean, x, inplace), inside
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # this form keeps torch.func transforms working
+        if inputs[4]:
+            ctx.mark_dirty(inputs[0])
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (inside,) = ctx.saved_tensors
+        return grad.masked_fill(inside, 0), None, None, None, None
+
+
+def _band_no_grad(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The forward of the surrogate Functions: one float temporary in eager mode, `_band` where traced."""
+    if _eager(x):
+        return _band_lean(x, mean, lo, hi, False)
+    return _band(x, mean, lo, hi)
 
 
 class _SmoothBandWhere(torch.autograd.Function):
@@ -48,7 +83,7 @@ class _SmoothBandWhere(torch.autograd.Function):
     def forward(ctx, x, mean, lo, hi, tau):
         # the slope, not x, is saved: an in-place activation overwrites x after this returns
         ctx.save_for_backward(smooth_band_slope(x, mean, hi - mean, tau))
-        return _band(x, mean, lo, hi)
+        return _band_no_grad(x, mean, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
@@ -87,8 +122,18 @@ def _band_lean(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.
                inplace: bool) -> torch.Tensor:
     """`_band` with one full-size float temporary (the output; in place, the input itself) and byte masks.
     Public ops only, no autograd (`out=` records none)."""
+    return _select(_inside(x, lo, hi), mean, x, inplace)
+
+
+def _inside(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The byte mask lo < x < hi (false for NaN)."""
     inside = torch.gt(x, lo)
     inside &= torch.lt(x, hi)
+    return inside
+
+
+def _select(inside: torch.Tensor, mean: torch.Tensor, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """where(inside, mean, x) into `x` itself, or into a new tensor with x's layout."""
     if inplace:
         return torch.where(inside, mean, x, out=x)
     # `empty_like` keeps a dense layout (contiguous, channels-last, permuted); a view with gaps (a slice of a
@@ -101,8 +146,13 @@ def _band_lean(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.
 def _lean_allowed(x: torch.Tensor) -> bool:
     """The `out=` formulation needs a plain tensor outside autograd, tracing and compilation (there the
     textbook `_band` is what Inductor fuses and what autograd differentiates)."""
-    return (type(x) is torch.Tensor and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    return _eager(x) and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """A plain tensor outside tracing and compilation: the eager-only formulations (byte masks, `out=`,
+    custom autograd Functions) apply; traced, the textbook `_band` is what Inductor fuses."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
@@ -145,11 +195,14 @@ def mean_sparse_bounds(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi
     if straight_through == "smooth" and tau is not None:
         y = _SmoothBandWhere.apply(x, mean, lo, hi, tau)
         return x.copy_(y) if inplace else y
+    eager = _eager(x)
     if straight_through:
-        y = _StraightThroughWhere.apply(x, mean, lo, hi)
-        return x.copy_(y) if inplace else y
+        y = _StraightThroughWhere.apply(x, mean, lo, hi, inplace and eager)
+        return x.copy_(y) if inplace and not eager else y
     if _lean_allowed(x):
         return _band_lean(x, mean, lo, hi, inplace)
+    if eager and x.requires_grad and torch.is_grad_enabled():
+        return _ExactBand.apply(x, mean, lo, hi, inplace)[0]
     y = _band(x, mean, lo, hi)
     if inplace:
         return x.copy_(y)
