@@ -2,6 +2,7 @@
 
     python benchmarks/perf.py                       # every part, CPU defaults
     python benchmarks/perf.py --parts infer --device cuda --dtype bfloat16 --size 224 --batches 1 32
+    python benchmarks/perf.py --parts targets --quick      # every row of issue 23's table, fewer rounds
 
 Parts:
   targets   every row of issue 23's table, each against its target: compiled efficientnet_b0 (b8, 128x128) and
@@ -371,7 +372,12 @@ def main():
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--calib-batches", type=int, default=32)
     parser.add_argument("--target-rounds", type=int, default=21, help="interleaved rounds of the targets part")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds (targets: 5 interleaved, calibration and PGD 3; other parts 3): every "
+                             "row still printed, for a shared or slow machine")
     args = parser.parse_args()
+    if args.quick:
+        args.target_rounds, args.rounds = min(args.target_rounds, 5), min(args.rounds, 3)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"# {platform.node()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")

@@ -8,6 +8,7 @@ after import, or per test, takes effect). Nothing else in fxsparse reads `os.env
     FXSPARSE_SPATIAL_EXPORT_BUDGET  seconds a dynamic-spatial export may take before a fixed size is used
     FXSPARSE_EAGER_KERNEL           the eager inference kernel at start-up: "plain" (default) or "fused"
     FXSPARSE_CACHE                  where the tools keep downloads and the demo's trained model
+    FXSPARSE_CHECK_BOUNDS           1: every eager MeanSparse call checks that lo / hi match mean, std, alpha
 
 and the two torchrun variables the command reads (WORLD_SIZE, LOCAL_RANK: `launched_world()`).
 """
@@ -33,10 +34,15 @@ def _put(name: str, value: object) -> None:
         _set[name] = value
 
 
+def _flag(name: str) -> bool:
+    """A yes / no switch: a bool set in code, or the variable (off when unset, empty, 0, false, no or off)."""
+    value = _get(name, "")
+    return value if isinstance(value, bool) else str(value).strip().lower() not in _FALSE
+
+
 def is_debug() -> bool:
     """FXSPARSE_DEBUG: whether capture lets torch's own messages through."""
-    value = _get("FXSPARSE_DEBUG", "")
-    return value if isinstance(value, bool) else str(value).strip().lower() not in _FALSE
+    return _flag("FXSPARSE_DEBUG")
 
 
 def set_debug(flag: Optional[bool]) -> None:
@@ -57,6 +63,16 @@ def spatial_export_budget() -> float:
 
 def set_spatial_export_budget(seconds: Optional[float]) -> None:
     _put("FXSPARSE_SPATIAL_EXPORT_BUDGET", None if seconds is None else float(seconds))
+
+
+def is_check_bounds() -> bool:
+    """FXSPARSE_CHECK_BOUNDS: whether eager MeanSparse calls verify their bounds (a debug net for a write to
+    mean / std / alpha without `refresh_bounds()`; the test suite turns it on)."""
+    return _flag("FXSPARSE_CHECK_BOUNDS")
+
+
+def set_check_bounds(flag: Optional[bool]) -> None:
+    _put("FXSPARSE_CHECK_BOUNDS", None if flag is None else bool(flag))
 
 
 def eager_kernel_at_start() -> str:

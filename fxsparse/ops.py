@@ -23,19 +23,55 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from fxsparse.config import is_check_bounds
 from fxsparse.errors import FxsparseValueError
 
 
 class _StraightThroughWhere(torch.autograd.Function):
-    """Forward: the MeanSparse output. Backward: the identity (BPDA), for adaptive attacks."""
+    """Forward: the MeanSparse output (written into `x` with `inplace`, eager only). Backward: the identity
+    (BPDA), for adaptive attacks."""
 
     @staticmethod
-    def forward(ctx, x, mean, lo, hi):
-        return _band(x, mean, lo, hi)
+    def forward(ctx, x, mean, lo, hi, inplace=False):
+        if inplace:
+            ctx.mark_dirty(x)
+            return _band_lean(x, mean, lo, hi, True)
+        return _band_no_grad(x, mean, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+class _ExactBand(torch.autograd.Function):
+    """The operator with its own gradient (the input's where it is kept, 0 where it is replaced) from one byte
+    mask: backward is one masked fill, where autograd through `_band`'s two selects keeps two full-size
+    outputs and runs two selects and an add; with `inplace` the result goes straight into `x` (no copy).
+    Eager attacks only (`_exact_band_allowed`); compiled graphs keep `_band`, which Inductor fuses."""
+
+    @staticmethod
+    def forward(x, mean, lo, hi, inplace):
+        inside = _inside(x, lo, hi)
+        return _select(inside, mean, x, inplace), inside
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # this form keeps torch.func transforms working
+        if inputs[4]:
+            ctx.mark_dirty(inputs[0])
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (inside,) = ctx.saved_tensors
+        return grad.masked_fill(inside, 0), None, None, None, None
+
+
+def _band_no_grad(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The forward of the surrogate Functions: one float temporary in eager mode, `_band` where traced."""
+    if _eager(x):
+        return _band_lean(x, mean, lo, hi, False)
+    return _band(x, mean, lo, hi)
 
 
 class _SmoothBandWhere(torch.autograd.Function):
@@ -47,7 +83,7 @@ class _SmoothBandWhere(torch.autograd.Function):
     def forward(ctx, x, mean, lo, hi, tau):
         # the slope, not x, is saved: an in-place activation overwrites x after this returns
         ctx.save_for_backward(smooth_band_slope(x, mean, hi - mean, tau))
-        return _band(x, mean, lo, hi)
+        return _band_no_grad(x, mean, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
@@ -86,8 +122,18 @@ def _band_lean(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.
                inplace: bool) -> torch.Tensor:
     """`_band` with one full-size float temporary (the output; in place, the input itself) and byte masks.
     Public ops only, no autograd (`out=` records none)."""
+    return _select(_inside(x, lo, hi), mean, x, inplace)
+
+
+def _inside(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The byte mask lo < x < hi (false for NaN)."""
     inside = torch.gt(x, lo)
     inside &= torch.lt(x, hi)
+    return inside
+
+
+def _select(inside: torch.Tensor, mean: torch.Tensor, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """where(inside, mean, x) into `x` itself, or into a new tensor with x's layout."""
     if inplace:
         return torch.where(inside, mean, x, out=x)
     # `empty_like` keeps a dense layout (contiguous, channels-last, permuted); a view with gaps (a slice of a
@@ -100,8 +146,13 @@ def _band_lean(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.
 def _lean_allowed(x: torch.Tensor) -> bool:
     """The `out=` formulation needs a plain tensor outside autograd, tracing and compilation (there the
     textbook `_band` is what Inductor fuses and what autograd differentiates)."""
-    return (type(x) is torch.Tensor and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    return _eager(x) and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """A plain tensor outside tracing and compilation: the eager-only formulations (byte masks, `out=`,
+    custom autograd Functions) apply; traced, the textbook `_band` is what Inductor fuses."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 def _as_3d(x: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
@@ -144,11 +195,14 @@ def mean_sparse_bounds(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi
     if straight_through == "smooth" and tau is not None:
         y = _SmoothBandWhere.apply(x, mean, lo, hi, tau)
         return x.copy_(y) if inplace else y
+    eager = _eager(x)
     if straight_through:
-        y = _StraightThroughWhere.apply(x, mean, lo, hi)
-        return x.copy_(y) if inplace else y
+        y = _StraightThroughWhere.apply(x, mean, lo, hi, inplace and eager)
+        return x.copy_(y) if inplace and not eager else y
     if _lean_allowed(x):
         return _band_lean(x, mean, lo, hi, inplace)
+    if eager and x.requires_grad and torch.is_grad_enabled():
+        return _ExactBand.apply(x, mean, lo, hi, inplace)[0]
     y = _band(x, mean, lo, hi)
     if inplace:
         return x.copy_(y)
@@ -261,12 +315,32 @@ class MeanSparse(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
+        if not torch.compiler.is_compiling() and is_check_bounds():  # a debug switch; never in a compiled graph
+            check_bounds(self)
         return mean_sparse_bounds(x, self.mean, self.lo, self.hi, self.dim, self.inplace, self.straight_through,
                                   self.tau)
 
     def extra_repr(self) -> str:
         extra = ", inplace=True" if self.inplace else ""
         return f"channels={self.channels}, dim={self.dim}{extra}, site={self.site!r}"
+
+
+def check_bounds(op: MeanSparse) -> None:
+    """Raise if `op.lo` / `op.hi` are not the bounds of its current mean, std and alpha: some write to those
+    buffers skipped `refresh_bounds()` (FXSPARSE_CHECK_BOUNDS / fxsparse.config.set_check_bounds turn this on
+    for every eager call; it syncs with the device)."""
+    if op.mean.is_meta or torch.jit.is_tracing():
+        return
+    with torch.no_grad():
+        lo, hi = bounds(op.mean, op.std, op.alpha)
+        fresh = all(old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+                    and torch.allclose(old, new, rtol=0, atol=0, equal_nan=True)
+                    for old, new in ((op.lo, lo), (op.hi, hi)))
+    if not fresh:
+        raise FxsparseValueError(
+            f"MeanSparse {op.site or 'operator'!r}: its bounds lo / hi are stale (mean, std or alpha was written "
+            "without refreshing them); call op.refresh_bounds() after writing op.mean, op.std or op.alpha "
+            "(fxsparse.set_alpha and calibrate do it for you)")
 
 
 def _refresh_after_load(module: MeanSparse, incompatible_keys) -> None:

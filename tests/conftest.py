@@ -11,6 +11,9 @@ settings.register_profile("long", deadline=None, max_examples=1000, suppress_hea
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# every eager MeanSparse call checks that its bounds match mean / std / alpha: a writer that forgets
+# refresh_bounds() fails its tests (subprocesses inherit the variable); a test may turn it off in code
+os.environ.setdefault("FXSPARSE_CHECK_BOUNDS", "1")
 
 
 @pytest.fixture(scope="module")

@@ -34,3 +34,15 @@ def test_a_bad_budget_is_refused(monkeypatch, value):
     monkeypatch.setenv("FXSPARSE_SPATIAL_EXPORT_BUDGET", value)
     with pytest.raises(FxsparseError, match="FXSPARSE_SPATIAL_EXPORT_BUDGET"):
         config.spatial_export_budget()
+
+
+def test_the_bounds_check_switch(monkeypatch):
+    monkeypatch.setenv("FXSPARSE_CHECK_BOUNDS", "0")
+    assert not config.is_check_bounds()
+    monkeypatch.setenv("FXSPARSE_CHECK_BOUNDS", "1")
+    assert config.is_check_bounds()
+    try:
+        config.set_check_bounds(False)
+        assert not config.is_check_bounds()
+    finally:
+        config.set_check_bounds(None)

@@ -373,6 +373,7 @@ def test_transfer_restores_alphas_exactly_and_can_come_from_a_base_model(data, s
     ops = list(fxsparse.meansparse_ops(sparse).values())
     with torch.no_grad():
         ops[0].alpha.fill_(0.3)  # a float32 value: restored bit for bit
+        ops[0].refresh_bounds()  # a direct write: the bounds follow (FXSPARSE_CHECK_BOUNDS catches a miss)
     before = ops[0].alpha.clone()
     ev = evaluate(sparse, (x, y), eps=0.1, attacks=["pgd:steps=3"], modes=("transfer",))
     assert torch.equal(ops[0].alpha, before)

@@ -403,3 +403,41 @@ def test_pickled_operator_without_bounds_gets_them():
     old.__setstate__(state)
     x = torch.randn(2, 4, 3)
     assert torch.equal(old(x), op(x)) and torch.equal(pickle.loads(pickle.dumps(op))(x), op(x))
+
+
+def test_stale_bounds_are_caught_while_the_check_is_on():
+    """A write to `op.mean` without `refresh_bounds()` leaves lo / hi stale; with the check on (the suite
+    runs with FXSPARSE_CHECK_BOUNDS=1, tests/conftest.py) the next eager call says so and names the fix."""
+    from fxsparse import config
+    from fxsparse.errors import FxsparseError
+
+    op = _calibrated_op()
+    x = torch.randn(2, 4, 3)
+    try:
+        config.set_check_bounds(True)
+        op(x)
+        op.mean.add_(1.0)
+        with pytest.raises(FxsparseError, match="refresh_bounds"):
+            op(x)
+        op.refresh_bounds()
+        op(x)
+        op.std.mul_(2.0)
+        with torch.no_grad(), pytest.raises(FxsparseError, match="stale"):
+            op(x)
+        config.set_check_bounds(False)
+        op(x)  # off: not checked (the caller's own responsibility)
+    finally:
+        config.set_check_bounds(None)
+
+
+def test_the_bounds_check_stays_out_of_compiled_graphs():
+    from fxsparse import config
+
+    op = _calibrated_op()
+    x = torch.randn(2, 4, 3)
+    try:
+        config.set_check_bounds(True)
+        compiled = torch.compile(op, backend="eager", fullgraph=True)  # a graph break would raise
+        assert torch.equal(compiled(x), op(x))
+    finally:
+        config.set_check_bounds(None)

@@ -216,10 +216,10 @@ class ZScoreSketch:
     The first batch fixes a per-channel grid: z0 = (x - m0) / s0 with m0, s0 that batch's channel mean and std,
     BINS_PER_UNIT bins per unit of z0 over [-RANGE, RANGE] plus one underflow and one overflow bin. Each batch
     adds a bounded, deterministic sample of its elements (whole rows of the (outer, C, inner) view, at most
-    SAMPLE elements, 8192) to per-channel counts: a few vectorised ops and one `index_add_`, nothing read
-    back to the host. Once the final mean and std are known, `counter` maps each band
-    |x - mean| < z * std into z0 units per channel and reads the counts inside it, interpolating linearly
-    within the two edge bins; elements beyond the grid count as outside any band. The result is an
+    SAMPLE elements, 8192) to per-channel counts: one copy per batch, binned in bulk every FLUSH_EVERY
+    batches (one `bincount`), nothing read back to the host. Once the final mean and std are known,
+    `counter` maps each band |x - mean| < z * std into z0 units per channel and reads the counts inside it,
+    interpolating linearly within the two edge bins; elements beyond the grid count as outside any band. The result is an
     estimate (sampled rows, interpolated edges); the audit says so. Memory: C x (2 RANGE BINS_PER_UNIT + 2)
     int64 counts per site.
     """
@@ -234,8 +234,24 @@ class ZScoreSketch:
         self.op = op
         self.center: Optional[torch.Tensor] = None  # m0, float64, per channel
         self.scale: Optional[torch.Tensor] = None   # s0, float64, per channel
-        self.counts: Optional[torch.Tensor] = None  # (C, BINS) int64
+        self._counts: Optional[torch.Tensor] = None  # (C, BINS) int64
+        # samples not yet counted, (C, k) copies in the counting dtype: binned together every FLUSH_EVERY
+        # batches or when `counts` is read, so a batch costs one copy per site instead of a dozen small ops
+        self._pending: List[torch.Tensor] = []
         self.total = 0
+
+    FLUSH_EVERY = 64
+
+    @property
+    def counts(self) -> Optional[torch.Tensor]:
+        """(C, BINS) int64 counts of every sample added so far."""
+        self._count_pending()
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: Optional[torch.Tensor]) -> None:  # a checkpoint's restore
+        self._pending = []
+        self._counts = value
 
     def fix_grid(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         std = var.double().clamp_min(0).sqrt()
@@ -246,7 +262,7 @@ class ZScoreSketch:
 
     def update(self, x: torch.Tensor, batch_moments=None) -> None:
         """Add a sample of `x` (the grid comes from `batch_moments`, (mean, var) of x's batch, if unset)."""
-        if self.counts is None and batch_moments is None:
+        if self._counts is None and batch_moments is None:
             return
         self.add_sample(self.take_sample(x, self.op.dim), batch_moments)
 
@@ -269,27 +285,38 @@ class ZScoreSketch:
         return sample
 
     def add_sample(self, sample: torch.Tensor, batch_moments=None) -> None:
-        """Count a (rows, C, inner) sample from `take_sample`."""
-        if self.counts is None:
+        """Add a (rows, C, inner) sample from `take_sample`: copied now (an in-place activation may overwrite
+        it), counted in bulk later (`_count_pending`); the counts are the same as counting it at once."""
+        if self._counts is None:
             if batch_moments is None:
                 return
             self.fix_grid(*batch_moments)
         if sample.numel() == 0:
             return
-        x = sample
-        channels = sample.shape[1]
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        rows, channels, inner = sample.shape
+        dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        part = torch.empty((channels, rows * inner), dtype=dtype, device=sample.device)
+        part.view(channels, rows, inner).copy_(sample.transpose(0, 1))
+        self._pending.append(part)
+        self.total += part.numel()
+        if len(self._pending) >= self.FLUSH_EVERY:
+            self._count_pending()
+
+    def _count_pending(self) -> None:
+        """Bin every pending sample in one vectorised pass and add the bins to the counts."""
+        if not self._pending:
+            return
+        x = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, 1)
+        self._pending = []
+        channels = x.shape[0]
         # bin = floor((z0 + RANGE) * BINS_PER_UNIT) + 1 = floor(x * step + shift), clamped into [0, BINS - 1]
         step = self.BINS_PER_UNIT / self.scale
         shift = self.RANGE * self.BINS_PER_UNIT + 1 - self.center * step
-        z = torch.addcmul(shift.to(sample.device, dtype).view(1, -1, 1), sample.to(dtype),
-                          step.to(sample.device, dtype).view(1, -1, 1))
+        z = torch.addcmul(shift.to(x.device, x.dtype).view(-1, 1), x, step.to(x.device, x.dtype).view(-1, 1))
         z = z.clamp_(0, self.BINS - 1).nan_to_num_(nan=0.0)  # NaN goes to the underflow bin
-        offsets = torch.arange(channels, device=z.device, dtype=torch.int32).view(1, -1, 1) * self.BINS
+        offsets = torch.arange(channels, device=z.device, dtype=torch.int32).view(-1, 1) * self.BINS
         idx = z.to(torch.int32).add_(offsets).flatten()
-        # added straight into the counts: work in the sample's size, not in C x BINS
-        self.counts.view(-1).index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.int64, device=idx.device))
-        self.total += idx.numel()
+        self._counts.view(-1).add_(_bincount(idx, self._counts.numel()))
 
     def counter(self, mean: torch.Tensor, std: torch.Tensor) -> "ZScoreCounter":
         """The estimated ZScoreCounter (counts per z of ZSCORE_GRID, total) for final `mean` and `std`."""
