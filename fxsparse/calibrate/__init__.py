@@ -32,7 +32,7 @@ from fxsparse.calibrate.checkpoint import CalibrationCheckpoint
 from fxsparse.calibrate.diagnose import failing_node
 from fxsparse.calibrate.distributed import (check_same_across_ranks, failing_together, merge_stats_across_ranks, on_rank,
                                   sum_across_ranks, sum_counters_across_ranks)
-from fxsparse.errors import CalibrationError, FxsparseTypeError, NoActivationWarning
+from fxsparse.errors import CalibrationError, FxsparseError, FxsparseTypeError, NoActivationWarning
 from fxsparse.inputs import Call, find_record, read_batch
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.calibrate.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter, ZScoreSketch
@@ -101,8 +101,9 @@ def _failure(gm: nn.Module, call: Call, i: int, exc: Exception) -> CalibrationEr
     if isinstance(exc, CalibrationError):  # raised by a site observer
         return CalibrationError(f"calibration batch {i}{on_rank()}: {exc}; calibrate on inputs like the ones "
                                 f"given to fxsparse.prepare{_prepared_inputs(gm)}")
-    where = failing_node(gm, call.args) if not call.kwargs else None
-    first = first_line(exc)
+    ours = isinstance(exc, FxsparseError)  # the input guard's (channels, size): it already names the fix
+    where = failing_node(gm, call.args) if not call.kwargs and not ours else None
+    first = str(exc) if ours else first_line(exc)
     return CalibrationError(
         f"calibration batch {i}{on_rank()} (inputs [{call.describe()}]) failed in the model: "
         + (where or first)
