@@ -51,8 +51,8 @@ helpers shared across layers in fxsparse/util.py.
 """
 from __future__ import annotations
 
-from fxsparse.errors import (BackendError, CalibrationError, CaptureError, DistributedError, FxsparseError,
-                             FxsparseTypeError, FxsparseValueError, InputRangeError, LayoutWarning,
+from fxsparse.errors import (BackendError, CalibrationError, CaptureError, ChanceAccuracyWarning, DistributedError,
+                             FxsparseError, FxsparseTypeError, FxsparseValueError, InputRangeError, LayoutWarning,
                              MissingDependencyError, NoActivationWarning, PersistenceError, SearchWarning,
                              SelectionError)
 from fxsparse.ops import MeanSparse, meansparse_ops
@@ -90,5 +90,5 @@ __all__ = [
     # errors and warnings
     "FxsparseError", "FxsparseValueError", "FxsparseTypeError", "CaptureError", "CalibrationError", "SelectionError",
     "PersistenceError", "InputRangeError", "BackendError", "DistributedError", "MissingDependencyError",
-    "NoActivationWarning", "LayoutWarning", "SearchWarning",
+    "NoActivationWarning", "LayoutWarning", "SearchWarning", "ChanceAccuracyWarning",
 ]

@@ -38,7 +38,7 @@ from torch import nn
 from fxsparse.util import model_device, progress_bar, split_spec
 from fxsparse.robust import attacks as _attacks
 from fxsparse.inputs import iter_batches
-from fxsparse.robust.guards import check_batch, check_budget, check_evaluation_data, check_l2_budget
+from fxsparse.robust.guards import check_batch, check_budget, check_evaluation_data, check_l2_budget, warn_if_chance
 from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.operators import straight_through
 from fxsparse.operators import Surrogate, parse_surrogate
@@ -356,8 +356,8 @@ def evaluate(
     except TypeError:
         pass
     heldout = getattr(search, "fingerprints", None)
-    data = check_evaluation_data(model, net, data, batch_size=batch_size, max_examples=max_examples,
-                                 heldout=heldout, device=dev)
+    data, classes = check_evaluation_data(model, net, data, batch_size=batch_size, max_examples=max_examples,
+                                          heldout=heldout, device=dev)
     rank, world = rank_and_size()
     resume = None
     if checkpoint is not None:
@@ -412,6 +412,7 @@ def evaluate(
     if resume is not None:
         resume.discard()
     evaluation = Evaluation(results, n, float(eps), norm, seed, operators)
+    warn_if_chance(evaluation, classes)  # a random-init model's table means nothing (fxsparse/robust/guards.py)
     if baseline is not None:
         from fxsparse.robust.compare import compare
 

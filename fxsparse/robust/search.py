@@ -41,11 +41,10 @@ from fxsparse.util import progress_bar
 from fxsparse.operators import set_alpha
 from fxsparse.errors import FxsparseValueError, PersistenceError, SearchWarning, SelectionError
 from fxsparse.robust.compare import LEVEL, mcnemar_exact, wilson
-from fxsparse.inputs import iter_batches
 from fxsparse.robust.evaluation import MODES, evaluate, parse_attack
 from fxsparse.files.resume import ResumeFile
 from fxsparse.robust.sharding import example_fingerprints, gather_strings
-from fxsparse.robust.guards import check_budget
+from fxsparse.robust.guards import check_budget, validation_batches
 from fxsparse.robust.outputs import LogitsFn
 from fxsparse.ops import meansparse_ops
 
@@ -267,9 +266,7 @@ def search_alpha(
     if not ops:
         raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")
     parse_attack(attack)  # fail early on a bad attack name
-    batches = list(iter_batches(val_data, batch_size, max_examples))  # iterated once: same batches per trial
-    if not batches:
-        raise FxsparseValueError("the validation data is empty: give (x, y) validation batches")
+    batches = validation_batches(val_data, batch_size, max_examples)  # iterated once: same batches per trial
     before = {name: float(op.alpha) for name, op in ops.items()}
     stages = _stages(list(ops), per_stage) if per_stage else {}
     table: List[Trial] = []
