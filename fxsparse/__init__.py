@@ -53,8 +53,8 @@ from __future__ import annotations
 
 from fxsparse.errors import (BackendError, CalibrationError, CaptureError, ChanceAccuracyWarning, DistributedError,
                              FxsparseError, FxsparseTypeError, FxsparseValueError, InputRangeError, LayoutWarning,
-                             MissingDependencyError, NoActivationWarning, PersistenceError, SearchWarning,
-                             SelectionError)
+                             MissingDependencyError, NoActivationWarning, PersistenceError, ScoreAttackWarning,
+                             SearchWarning, SelectionError)
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.compile.fused import eager_kernel, set_eager_kernel
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
@@ -90,5 +90,5 @@ __all__ = [
     # errors and warnings
     "FxsparseError", "FxsparseValueError", "FxsparseTypeError", "CaptureError", "CalibrationError", "SelectionError",
     "PersistenceError", "InputRangeError", "BackendError", "DistributedError", "MissingDependencyError",
-    "NoActivationWarning", "LayoutWarning", "SearchWarning", "ChanceAccuracyWarning",
+    "NoActivationWarning", "LayoutWarning", "SearchWarning", "ChanceAccuracyWarning", "ScoreAttackWarning",
 ]

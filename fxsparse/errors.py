@@ -68,3 +68,7 @@ class ChanceAccuracyWarning(UserWarning):
     beside it mean nothing. Random weights (no checkpoint loaded), the wrong preprocessing or labels that do not
     match the model's classes are the usual causes."""
 
+
+class ScoreAttackWarning(UserWarning):
+    """`search_alpha` scored alphas with the fallback attack because the reference APGD (pyautoattack) is not
+    installed: another install, with it, can pick another alpha. `pip install 'fxsparse[eval]'`."""

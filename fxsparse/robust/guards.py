@@ -216,6 +216,22 @@ def validation_batches(data, batch_size: int, max_examples) -> list:
     return batches
 
 
+def score_attack(attack: str) -> str:
+    """search_alpha's default score attack, with a ScoreAttackWarning when it is the fallback (no reference
+    APGD installed): the alpha chosen depends on the attack that scored, so a user must know it was another."""
+    if attack != "apgd-ce":
+        import warnings
+
+        from fxsparse.errors import ScoreAttackWarning
+
+        warnings.warn(ScoreAttackWarning(
+            f"search_alpha scores alphas with the fallback attack {attack!r}: the reference APGD-CE (pyautoattack, "
+            "or RobustBench's git autoattack) is not installed, so an install with it can choose another alpha. "
+            "Install it (pip install 'fxsparse[eval]') or pass attack= to fix the score attack whatever is "
+            "installed; SearchResult.attack and its table record the attack that scored"), stacklevel=3)
+    return attack
+
+
 def chance_noise(classes: int, n: int) -> float:
     """Chance accuracy plus two binomial standard errors: a clean accuracy at or below it is no evidence the
     model has learnt anything (on 40 examples of 10 classes, 19.5%)."""

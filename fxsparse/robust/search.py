@@ -27,7 +27,6 @@ kept only when its gain over the current configuration is beyond noise (McNemar 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -43,8 +42,9 @@ from fxsparse.errors import FxsparseValueError, PersistenceError, SearchWarning,
 from fxsparse.robust.compare import LEVEL, mcnemar_exact, wilson
 from fxsparse.robust.evaluation import MODES, evaluate, parse_attack
 from fxsparse.files.resume import ResumeFile
+from fxsparse.robust.attacks import reference_package
 from fxsparse.robust.sharding import example_fingerprints, gather_strings
-from fxsparse.robust.guards import check_budget, validation_batches
+from fxsparse.robust.guards import check_budget, score_attack, validation_batches
 from fxsparse.robust.outputs import LogitsFn
 from fxsparse.ops import meansparse_ops
 
@@ -64,7 +64,7 @@ NO_GAIN = "no detectable gain"
 def default_attack() -> str:
     """The search's default score attack: APGD-CE (reference implementation) when pyautoattack is installed,
     else FALLBACK_ATTACK. The default score runs it in every column of `fxsparse.evaluate` (score="adaptive")."""
-    return "apgd-ce" if importlib.util.find_spec("pyautoattack") is not None else FALLBACK_ATTACK
+    return "apgd-ce" if reference_package() is not None else FALLBACK_ATTACK  # pyautoattack or git autoattack
 
 
 def paired_p(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -250,7 +250,7 @@ def search_alpha(
     shards (see `fxsparse.evaluate`), so every rank takes the same decisions and returns the same result.
     One progress bar counts the trials (alphas x the attack), with the current alpha and its robust accuracy.
     """
-    attack = default_attack() if attack is None else attack
+    attack = score_attack(default_attack()) if attack is None else attack  # warns when it is the fallback
     if score not in SCORES:
         raise FxsparseValueError(f"score must be one of {sorted(SCORES)}, got {score!r}")
     if strategy not in ("grid", "refine"):
