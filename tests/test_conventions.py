@@ -92,3 +92,20 @@ def test_an_explicit_score_attack_does_not_warn():
         assert score_attack("apgd-ce") == "apgd-ce"
     with pytest.warns(fxsparse.ScoreAttackWarning):
         score_attack("pgd:steps=50")
+
+
+def test_progress_bars_show_in_a_terminal_or_a_notebook_unless_told(monkeypatch):
+    import sys
+    import types
+
+    from fxsparse import util
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    assert not util.in_notebook() and not util.show_progress(None)
+    shell = types.SimpleNamespace(config={"IPKernelApp": {}})  # what a Jupyter kernel's shell carries
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    assert util.in_notebook() and util.show_progress(None) and not util.show_progress(False)
+    terminal = types.SimpleNamespace(config={"TerminalIPythonApp": {}})  # IPython in a terminal: no kernel
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: terminal))
+    assert not util.in_notebook() and util.show_progress(True)

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import collections.abc
 import os
-import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import fx, nn
 
-from fxsparse.util import first_line, model_state
+from fxsparse.util import first_line, model_state, show_progress
 from fxsparse._meta import PREPARE_META
 from fxsparse.calibrate.checkpoint import CalibrationCheckpoint
 from fxsparse.calibrate.diagnose import failing_node
@@ -55,9 +54,7 @@ class _StopLoop(Exception):
 
 
 def _progress(iterable: Iterable, total: Optional[int], desc: str, enabled: Optional[bool]) -> Iterator:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
+    if not show_progress(enabled):  # a terminal or a notebook, unless told (fxsparse/util.py)
         return iter(iterable)
     from tqdm.auto import tqdm
 
@@ -320,7 +317,7 @@ def calibrate(
             (several inputs, keywords, lists of images: anything the model takes). Every call is a batch;
             the loop runs under no_grad with the model in eval mode, once per pass (twice with `measure`).
         max_batches: stop after this many batches (per rank).
-        progress: show a tqdm bar (default: when stderr is a terminal).
+        progress: show a tqdm bar (default: when stderr is a terminal, or in a notebook).
         measure: how the audit's replaced fractions are taken. True (default): estimated in the statistics
             pass itself (one pass over the data; the audit marks them as estimates). "exact": counted in a
             second pass over the data (one-shot iterators, which cannot be read twice, get the estimate, with
