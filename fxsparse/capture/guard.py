@@ -146,10 +146,11 @@ def size_check(condition, message: str, captured, inputs=None) -> None:
     if not condition:
         given = f" (given inputs of shape {tuple(inputs.shape)})" if isinstance(inputs, torch.Tensor) else ""
         raise FxsparseValueError(
-            f"the model checks its input size and the call fails it: {message}{given}. fxsparse captured it with "
-            f"FX on inputs of shape(s) {captured}, and an FX graph keeps the model's fixed size. Prepare the model "
-            "with example inputs of the size you will use, or capture='export', which keeps height and width "
-            "dynamic where the model allows other sizes (a timm ViT: create it with dynamic_img_size=True)")
+            f"the model checks its input size and the call fails it: {message.rstrip('.')}{given}. fxsparse "
+            f"captured it with FX on inputs of shape(s) {captured}, and an FX graph keeps the model's fixed size. "
+            "Prepare the model with example inputs of the size you will use, or capture='export', which keeps "
+            "height and width dynamic where the model allows other sizes (a timm ViT: create it with "
+            "dynamic_img_size=True)")
 
 
 def _own_size_checks(gm: fx.GraphModule) -> None:
