@@ -274,6 +274,8 @@ def test_fx_captured_vit_at_another_size_is_our_error():
     gm = fxsparse.prepare(model, torch.rand(2, 3, 32, 32), capture="fx")
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(gm(x), model(x), atol=1e-5)
-    with pytest.raises(fxsparse.FxsparseValueError, match=r"\(2, 3, 32, 32\).*capture='export'") as info:
+    with pytest.raises(fxsparse.FxsparseValueError, match=r"\(2, 3, 32, 32\).*dynamic_img_size=True") as info:
         gm(torch.rand(2, 3, 48, 48))
     assert "Proxy" not in str(info.value) and "(2, 3, 48, 48)" in str(info.value)
+    free = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, dynamic_img_size=True).eval()
+    assert fxsparse.prepare(free, x, capture="fx")(torch.rand(2, 3, 48, 48)).shape == (2, 1000)  # the fix named

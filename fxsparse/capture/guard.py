@@ -148,9 +148,9 @@ def size_check(condition, message: str, captured, inputs=None) -> None:
         raise FxsparseValueError(
             f"the model checks its input size and the call fails it: {message.rstrip('.')}{given}. fxsparse "
             f"captured it with FX on inputs of shape(s) {captured}, and an FX graph keeps the model's fixed size. "
-            "Prepare the model with example inputs of the size you will use, or capture='export', which keeps "
-            "height and width dynamic where the model allows other sizes (a timm ViT: create it with "
-            "dynamic_img_size=True)")
+            "Prepare the model with example inputs of the size you will use, or build it to take other sizes and "
+            "prepare it again (a timm ViT: timm.create_model(..., dynamic_img_size=True)); capture='export' keeps "
+            "height and width dynamic where the model allows it")
 
 
 def _own_size_checks(gm: fx.GraphModule) -> None:
