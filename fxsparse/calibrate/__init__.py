@@ -143,7 +143,7 @@ def _run_loop(gm, loop: ForwardLoop, observers, *, max_batches, start, after_bat
         if i >= start and after_batch is not None:
             after_batch(i + 1, state["call"].leaves())
 
-    handles = [gm.register_forward_pre_hook(pre, with_kwargs=True),
+    handles = [gm.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),  # before the input guard's
                gm.register_forward_hook(post, with_kwargs=True)]
     try:
         with torch.no_grad():
