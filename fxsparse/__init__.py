@@ -56,10 +56,10 @@ helpers shared across layers in fxsparse/util.py.
 """
 from __future__ import annotations
 
-from fxsparse.errors import (BackendError, CalibrationError, CaptureError, DistributedError, FxsparseError,
-                             FxsparseTypeError, FxsparseValueError, InputRangeError, LayoutWarning,
-                             MissingDependencyError, NoActivationWarning, PersistenceError, SearchWarning,
-                             SelectionError)
+from fxsparse.errors import (BackendError, CalibrationError, CaptureError, ChanceAccuracyWarning, DistributedError,
+                             FxsparseError, FxsparseTypeError, FxsparseValueError, InputRangeError, LayoutWarning,
+                             MissingDependencyError, NoActivationWarning, PersistenceError, ScoreAttackWarning,
+                             SearchWarning, SelectionError)
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.compile.fused import eager_kernel, set_eager_kernel
 from fxsparse.passes.kinds import ActivationKind, activation_kinds, register_activation
@@ -97,5 +97,5 @@ __all__ = [
     # errors and warnings
     "FxsparseError", "FxsparseValueError", "FxsparseTypeError", "CaptureError", "CalibrationError", "SelectionError",
     "PersistenceError", "InputRangeError", "BackendError", "DistributedError", "MissingDependencyError",
-    "NoActivationWarning", "LayoutWarning", "SearchWarning",
+    "NoActivationWarning", "LayoutWarning", "SearchWarning", "ChanceAccuracyWarning", "ScoreAttackWarning",
 ]

@@ -61,3 +61,14 @@ class SearchWarning(UserWarning):
 class LayoutWarning(UserWarning):
     """fxsparse could not prove a site's channel axis and used a default (or found one that contradicts a
     declared channel count): the message names the sites and the fix, `channel_dims={site: dim}`."""
+
+
+class ChanceAccuracyWarning(UserWarning):
+    """`evaluate` measured a clean accuracy at or below chance (1 / classes, within noise): the robust numbers
+    beside it mean nothing. Random weights (no checkpoint loaded), the wrong preprocessing or labels that do not
+    match the model's classes are the usual causes."""
+
+
+class ScoreAttackWarning(UserWarning):
+    """`search_alpha` scored alphas with the fallback attack because the reference APGD (pyautoattack) is not
+    installed: another install, with it, can pick another alpha. `pip install 'fxsparse[eval]'`."""

@@ -58,12 +58,24 @@ def scoped(scope: str, leaf: str) -> str:
     return f"{scope}.{leaf}" if scope else leaf
 
 
+def in_notebook() -> bool:
+    """Running in a Jupyter kernel (where stderr is no terminal but a bar shows as a widget)? IPython is not
+    imported to find out: a kernel has imported it already."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def show_progress(enabled: Optional[bool]) -> bool:
+    """Whether a bar shows: as asked, else when stderr is a terminal or the code runs in a notebook."""
+    return (sys.stderr.isatty() or in_notebook()) if enabled is None else bool(enabled)
+
+
 def progress_bar(total: Optional[int], desc: str, unit: str, enabled: Optional[bool], leave: bool = True):
-    """A tqdm bar, shown when `enabled` (default: when stderr is a terminal)."""
+    """A tqdm bar (tqdm.auto: a widget in Jupyter, text in a terminal), shown per `show_progress`."""
     from tqdm.auto import tqdm
 
-    enabled = sys.stderr.isatty() if enabled is None else enabled
-    return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=not enabled)
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=not show_progress(enabled))
 
 
 def split_spec(spec: str) -> Tuple[str, List[Tuple[str, str, Optional[str]]]]:

@@ -101,3 +101,33 @@ def test_evaluate_digits_from_the_readme(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "## alpha search on the validation split" in out and "179 validation examples" in out
     assert "60 examples" in out and "| square (queries=20) |" in out
+
+
+def _options():
+    from fxsparse.tools.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return [(name, action) for name, parser in sub.choices.items() for action in parser._actions
+            if action.option_strings and action.dest != "help"]
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def test_every_cli_option_has_help_that_matches_the_code():
+    import re
+
+    from fxsparse.robust.evaluation import MODE_TITLES
+    from fxsparse.robust.search import SCORES, DEFAULT_SCORE
+
+    for command, action in _options():
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        stated = re.search(r"\(default:? ([^)]+)\)", action.help)
+        if stated and action.default not in (None, False):
+            assert _shown(action.default) in stated.group(1), (command, action.option_strings, action.help)
+    search_attack = dict((a.dest, a) for c, a in _options() if c == "evaluate")["search_attack"]
+    assert "BPDA mode" not in search_attack.help and "every column" in search_attack.help
+    assert SCORES[DEFAULT_SCORE] == tuple(MODE_TITLES)  # what "every column" says: the search scores them all

@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import collections.abc
 import os
-import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import fx, nn
 
-from fxsparse.util import first_line, model_state
+from fxsparse.util import first_line, model_state, show_progress
 from fxsparse._meta import PREPARE_META
 from fxsparse.calibrate.checkpoint import CalibrationCheckpoint
 from fxsparse.calibrate.diagnose import failing_node
 from fxsparse.calibrate.distributed import (check_same_across_ranks, failing_together, merge_stats_across_ranks, on_rank,
                                   sum_across_ranks, sum_counters_across_ranks)
-from fxsparse.errors import CalibrationError, FxsparseTypeError, NoActivationWarning
+from fxsparse.errors import CalibrationError, FxsparseError, FxsparseTypeError, NoActivationWarning
 from fxsparse.inputs import Call, find_record, read_batch
 from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.calibrate.stats import ZSCORE_GRID, ChannelStats, ZScoreCounter, ZScoreSketch
@@ -55,9 +54,7 @@ class _StopLoop(Exception):
 
 
 def _progress(iterable: Iterable, total: Optional[int], desc: str, enabled: Optional[bool]) -> Iterator:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
+    if not show_progress(enabled):  # a terminal or a notebook, unless told (fxsparse/util.py)
         return iter(iterable)
     from tqdm.auto import tqdm
 
@@ -101,8 +98,9 @@ def _failure(gm: nn.Module, call: Call, i: int, exc: Exception) -> CalibrationEr
     if isinstance(exc, CalibrationError):  # raised by a site observer
         return CalibrationError(f"calibration batch {i}{on_rank()}: {exc}; calibrate on inputs like the ones "
                                 f"given to fxsparse.prepare{_prepared_inputs(gm)}")
-    where = failing_node(gm, call.args) if not call.kwargs else None
-    first = first_line(exc)
+    ours = isinstance(exc, FxsparseError)  # the input guard's (channels, size): it already names the fix
+    where = failing_node(gm, call.args) if not call.kwargs and not ours else None
+    first = str(exc) if ours else first_line(exc)
     return CalibrationError(
         f"calibration batch {i}{on_rank()} (inputs [{call.describe()}]) failed in the model: "
         + (where or first)
@@ -145,7 +143,7 @@ def _run_loop(gm, loop: ForwardLoop, observers, *, max_batches, start, after_bat
         if i >= start and after_batch is not None:
             after_batch(i + 1, state["call"].leaves())
 
-    handles = [gm.register_forward_pre_hook(pre, with_kwargs=True),
+    handles = [gm.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),  # before the input guard's
                gm.register_forward_hook(post, with_kwargs=True)]
     try:
         with torch.no_grad():
@@ -319,7 +317,7 @@ def calibrate(
             (several inputs, keywords, lists of images: anything the model takes). Every call is a batch;
             the loop runs under no_grad with the model in eval mode, once per pass (twice with `measure`).
         max_batches: stop after this many batches (per rank).
-        progress: show a tqdm bar (default: when stderr is a terminal).
+        progress: show a tqdm bar (default: when stderr is a terminal, or in a notebook).
         measure: how the audit's replaced fractions are taken. True (default): estimated in the statistics
             pass itself (one pass over the data; the audit marks them as estimates). "exact": counted in a
             second pass over the data (one-shot iterators, which cannot be read twice, get the estimate, with

@@ -8,6 +8,7 @@ the MeanSparse operators; `fxsparse.evaluate` runs each attack both ways.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import warnings
@@ -148,22 +149,43 @@ def accuracy(model: nn.Module, batches: Iterable, attack=None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The reference AutoAttack implementation (Croce & Hein 2020), published on PyPI as `pyautoattack`. Its API
-# differs from the original repository's `autoattack` package: the module is `pyautoattack`, `AutoAttack`
-# takes keyword-only arguments (`attacks=` rather than `attacks_to_run=`) and `run_standard_evaluation`
-# returns `(x_adv, y_adv)` and takes `batch_size=`. Every run here seeds it explicitly and restores torch's
-# global random state afterwards (the package reseeds the global generator).
+# The reference AutoAttack implementation (Croce & Hein 2020), published on PyPI as `pyautoattack`; where it is
+# absent, the original repository's `autoattack` package (`pip install git+https://github.com/fra31/auto-attack`,
+# what RobustBench imports) is used. The attack modules (`autopgd_base`, `square`) are the same in both; the
+# ensemble's API differs: pyautoattack's `AutoAttack` takes keyword-only arguments, logs through `logging` and
+# `run_standard_evaluation` takes `batch_size=` and returns `(x_adv, y_adv)`; the git package's takes
+# `verbose=`, logs by printing, and its `run_standard_evaluation` takes `bs=` and returns `x_adv`. Every run
+# here seeds it explicitly and restores torch's global random state afterwards (both reseed the global
+# generator).
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
+REFERENCE_PACKAGES = ("pyautoattack", "autoattack")  # in the order they are tried
+
+
+def reference_package():
+    """The installed reference implementation (pyautoattack, else the git `autoattack`), or None."""
+    for name in REFERENCE_PACKAGES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "AutoAttack"):
+            return module
+    return None
 
 
 def _pyautoattack():
-    try:
-        import pyautoattack
-    except ImportError as exc:
-        raise MissingDependencyError("APGD, Square and AutoAttack use the reference implementation from the pyautoattack "
-                            "package: pip install 'fxsparse[eval]'") from exc
-    return pyautoattack
+    pkg = reference_package()
+    if pkg is None:
+        raise MissingDependencyError("APGD, Square and AutoAttack use the reference implementation from the "
+                                     "pyautoattack package: pip install 'fxsparse[eval]' (RobustBench's git "
+                                     "`autoattack` package is used too, where it is installed)")
+    return pkg
+
+
+def _reference(module: str):
+    """A module of the reference implementation: `autopgd_base` or `square`."""
+    return importlib.import_module(f"{_pyautoattack().__name__}.{module}")
 
 
 def _reference_norm(norm: str, bounds: Tuple[float, float]) -> str:
@@ -185,8 +207,7 @@ def _private_rng(device: torch.device):
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf",
          loss: str = "ce", steps: int = 100, restarts: int = 1, bounds=(0.0, 1.0), seed: int = 0) -> torch.Tensor:
     """APGD (Croce & Hein 2020) on cross-entropy (`loss="ce"`) or the DLR loss (`loss="dlr"`)."""
-    _pyautoattack()
-    from pyautoattack.autopgd_base import APGDAttack
+    APGDAttack = _reference("autopgd_base").APGDAttack
 
     ref_norm = _reference_norm(norm, bounds)
     model = as_classifier(model)  # the reference code calls model(x) for scores
@@ -200,8 +221,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
                   steps: int = 100, targets: int = 9, restarts: int = 1, bounds=(0.0, 1.0),
                   seed: int = 0) -> torch.Tensor:
     """APGD-T: APGD on the targeted DLR loss, against each of the `targets` most likely wrong classes."""
-    _pyautoattack()
-    from pyautoattack.autopgd_base import APGDAttack_targeted
+    APGDAttack_targeted = _reference("autopgd_base").APGDAttack_targeted
 
     ref_norm = _reference_norm(norm, bounds)
     model = as_classifier(model)  # the reference code calls model(x) for scores
@@ -219,8 +239,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, no
     """Square Attack (Andriushchenko et al. 2020): random search on the margin loss, scores only, no gradient.
     The gradient-free check: a defence that only masks gradients does not slow it down. `rescale_schedule`
     shrinks the squares on the schedule of the query budget given (AutoAttack's 5000 queries use False)."""
-    _pyautoattack()
-    from pyautoattack.square import SquareAttack
+    SquareAttack = _reference("square").SquareAttack
 
     ref_norm = _reference_norm(norm, bounds)
     model = as_classifier(model)  # the reference code calls model(x) for scores
@@ -242,13 +261,17 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     pkg = _pyautoattack()
     ref_norm = _reference_norm(norm, bounds)
     model = as_classifier(model)  # the reference code calls model(x) for scores
-    adversary = pkg.AutoAttack(model, device=x.device, eps=eps, norm=ref_norm, seed=seed, version=version)
-    adversary.logger.setLevel(logging.WARNING)
+    git = pkg.__name__ != "pyautoattack"  # the original repository's package
+    adversary = pkg.AutoAttack(model, device=x.device, eps=eps, norm=ref_norm, seed=seed, version=version,
+                               **({"verbose": False} if git else {}))
+    if not git:
+        adversary.logger.setLevel(logging.WARNING)
     if steps is not None:
         adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
     if queries is not None:
         adversary.square.n_queries = queries
     with _private_rng(x.device), warnings.catch_warnings():
         warnings.simplefilter("ignore", Warning)  # its checks warn about zero gradients, which we report ourselves
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+        x_adv = adversary.run_standard_evaluation(x, y, bs=len(x)) if git else \
+            adversary.run_standard_evaluation(x, y, batch_size=len(x))[0]
     return x_adv.detach()

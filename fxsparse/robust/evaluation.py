@@ -51,7 +51,7 @@ from fxsparse.inputs import iter_batches
 from fxsparse.ops import meansparse_ops
 from fxsparse.robust.columns import (ATTACKS, SURROGATES, AttackKind, Columns, Tally, check_modes,
                                      given_inputs, parse_attack, plan_attacks, run_attack, score_given)
-from fxsparse.robust.guards import check_batch, check_evaluation_data
+from fxsparse.robust.guards import check_batch, check_evaluation_data, warn_if_chance
 from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.robust.results import FULL_MODES, MODE_TITLES, MODES, AttackResult, Evaluation
 from fxsparse.robust.sharding import example_fingerprints, gather_examples
@@ -123,8 +123,8 @@ def evaluate(
     total = _batch_count(data, batch_size)
     dev = torch.device(device) if device is not None else model_device(model)
     heldout = getattr(search, "fingerprints", None)
-    data = check_evaluation_data(model, net, data, batch_size=batch_size, max_examples=max_examples,
-                                 heldout=heldout, device=dev)
+    data, classes = check_evaluation_data(model, net, data, batch_size=batch_size, max_examples=max_examples,
+                                          heldout=heldout, device=dev)
     resume = _resume_file(checkpoint, checkpoint_every, model, plan, columns)
     done, n = _restore(resume, tallies)
     runner = _Runner(net, columns, plan, list(given.values()), tallies, heldout, dev)
@@ -136,8 +136,8 @@ def evaluate(
                 if resume is not None and (index + 1) % checkpoint_every == 0:
                     _save(resume, index + 1, n, tallies)
             bar.update(1)
-    evaluation = Evaluation(_gather(tallies), sum(int(v) for v in gather_examples(torch.tensor([n]))),
-                            settings.threat.eps, settings.threat.norm, settings.seed, columns.operators)
+    evaluation = _result(tallies, n, settings, columns)
+    warn_if_chance(evaluation, classes)  # a random-init model's table means nothing (fxsparse/robust/guards.py)
     if resume is not None:
         resume.discard()
     if baseline is not None:
@@ -145,6 +145,12 @@ def evaluate(
 
         evaluation.comparison = compare(baseline, evaluation)
     return evaluation
+
+
+def _result(tallies, n: int, settings: RunSettings, columns: Columns) -> Evaluation:
+    """The Evaluation over every rank's examples."""
+    return Evaluation(_gather(tallies), sum(int(v) for v in gather_examples(torch.tensor([n]))),
+                      settings.threat.eps, settings.threat.norm, settings.seed, columns.operators)
 
 
 def _columns(model: nn.Module, settings: RunSettings, modes, survivors_only: bool, source, keep: bool) -> Columns:

@@ -7,6 +7,7 @@ name the fix. They cost a min and a max per batch.
 """
 from __future__ import annotations
 
+import collections.abc
 import math
 from typing import Sequence
 
@@ -120,8 +121,21 @@ def check_labels(x: torch.Tensor, y: torch.Tensor, classes: int, index: int) -> 
 def check_evaluation_data(model: torch.nn.Module, net, data, *, batch_size: int, max_examples, heldout, device):
     """Everything `evaluate` checks before its first attack, in one pass over the data: examples there at all,
     labels (dtype, shape, range against the model's outputs), x / y lengths, data that fits the model, and the
-    examples shared with the search's validation data (counted over the whole data). A one-shot iterator is
-    read into a list, which is returned in its place."""
+    examples shared with the search's validation data (counted over the whole data). Returns (data, classes):
+    a one-shot iterator (a generator) is read here, once, into a list of its batches (up to `max_examples`),
+    which replaces it; `classes` is what the model scores (None when this rank saw no example).
+
+    Under torch.distributed a check fails on every rank together (`failing_together`): a bad label in one
+    rank's shard must not leave the other ranks waiting in the evaluation's first collective."""
+    from fxsparse.calibrate.distributed import failing_together
+    from fxsparse.errors import DistributedError
+
+    with failing_together("the evaluation data check", DistributedError):
+        return _check_evaluation_data(model, net, data, batch_size, max_examples, heldout, device)
+
+
+def _check_evaluation_data(model, net, data, batch_size, max_examples, heldout, device):
+    from fxsparse.calibrate.distributed import rank_and_size
     from fxsparse.inputs import iter_batches
     from fxsparse.robust.sharding import example_fingerprints
 
@@ -132,8 +146,8 @@ def check_evaluation_data(model: torch.nn.Module, net, data, *, batch_size: int,
             and data[0].dim() > data[1].dim() and len(data[0]) != len(data[1]):
         raise FxsparseValueError(f"the data has {len(data[0])} inputs and {len(data[1])} labels: give one label per "
                                  "input")
-    if not isinstance(data, (tuple, list)) and iter(data) is data:  # a generator: read once, here
-        data = list(data)
+    if isinstance(data, collections.abc.Iterator):  # a generator: read once, here (no iter() on a DataLoader)
+        data = list(iter_batches(data, batch_size, max_examples))
     classes, n, shared = None, 0, 0
     for index, (x, y) in enumerate(iter_batches(data, batch_size, max_examples)):
         if classes is None and isinstance(x, torch.Tensor) and x.is_floating_point():
@@ -143,12 +157,69 @@ def check_evaluation_data(model: torch.nn.Module, net, data, *, batch_size: int,
         if heldout:
             shared += sum(f in heldout for f in example_fingerprints(x, y))
         n += len(x)
-    from fxsparse.calibrate.distributed import rank_and_size
-
     if n == 0 and rank_and_size()[1] == 1:  # under torch.distributed a rank's shard may be empty
         raise FxsparseValueError("the evaluation data holds no examples (empty data, or max_examples cut it to "
                                  "none): give at least one (x, y) example")
     if shared:
         raise FxsparseValueError(f"the evaluation data shares {shared} example(s) with the validation data "
                                  "search_alpha chose alpha on; evaluate on a held-out test split")
-    return data
+    return data, classes
+
+
+def validation_batches(data, batch_size: int, max_examples) -> list:
+    """search_alpha's validation batches, read once. Under torch.distributed a malformed batch fails every rank
+    together, and the data is empty only when every rank's shard is (one empty shard is allowed, as in
+    `evaluate`), so no rank raises while the others wait for it."""
+    from fxsparse.calibrate import distributed
+    from fxsparse.errors import DistributedError
+    from fxsparse.inputs import iter_batches
+
+    with distributed.failing_together("reading the validation data", DistributedError):
+        batches = list(iter_batches(data, batch_size, max_examples))
+    if distributed.sum_across_ranks(sum(len(x) for x, _ in batches)) == 0:
+        raise FxsparseValueError("the validation data is empty: give (x, y) validation batches")
+    return batches
+
+
+def score_attack(attack: str) -> str:
+    """search_alpha's default score attack, with a ScoreAttackWarning when it is the fallback (no reference
+    APGD installed): the alpha chosen depends on the attack that scored, so a user must know it was another."""
+    if attack != "apgd-ce":
+        import warnings
+
+        from fxsparse.errors import ScoreAttackWarning
+
+        warnings.warn(ScoreAttackWarning(
+            f"search_alpha scores alphas with the fallback attack {attack!r}: the reference APGD-CE (pyautoattack, "
+            "or RobustBench's git autoattack) is not installed, so an install with it can choose another alpha. "
+            "Install it (pip install 'fxsparse[eval]') or pass attack= to fix the score attack whatever is "
+            "installed; SearchResult.attack and its table record the attack that scored"), stacklevel=3)
+    return attack
+
+
+def chance_noise(classes: int, n: int) -> float:
+    """Chance accuracy plus two binomial standard errors: a clean accuracy at or below it is no evidence the
+    model has learnt anything (on 40 examples of 10 classes, 19.5%)."""
+    chance = 1.0 / classes
+    return chance + 2.0 * math.sqrt(chance * (1.0 - chance) / n)
+
+
+def warn_if_chance(evaluation, classes) -> None:
+    """A ChanceAccuracyWarning when the clean row is at chance: a random-init model through the Python API
+    would otherwise print a confident table of robust accuracies that mean nothing."""
+    import warnings
+
+    from fxsparse.errors import ChanceAccuracyWarning
+
+    clean = next((r for r in evaluation.results if r.attack == "clean"), None)
+    if clean is None or not classes or classes < 2 or not evaluation.n or not clean.correct:
+        return
+    accuracy = float(next(iter(clean.correct.values())).float().mean())  # every column of "clean" is one run
+    if accuracy > chance_noise(classes, evaluation.n):
+        return
+    warnings.warn(ChanceAccuracyWarning(
+        f"clean accuracy {100 * accuracy:.1f}% on {evaluation.n} examples is at chance for {classes} classes "
+        f"({100 / classes:.1f}%, within noise): the robust accuracies mean nothing. Likely causes: random weights "
+        "(no trained checkpoint loaded: timm.create_model(..., pretrained=True) or model.load_state_dict), the "
+        "wrong preprocessing (give [0, 1] images and put the model's normalisation inside it: "
+        "fxsparse.with_normalization), or labels in another class order than the model's"), stacklevel=3)

@@ -27,7 +27,6 @@ kept only when its gain over the current configuration is beyond noise (McNemar 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -41,9 +40,10 @@ from fxsparse.util import progress_bar
 from fxsparse.operators import set_alpha
 from fxsparse.errors import FxsparseValueError, PersistenceError, SearchWarning, SelectionError
 from fxsparse.robust.compare import LEVEL, mcnemar_exact, wilson
-from fxsparse.inputs import iter_batches
 from fxsparse.robust.evaluation import MODES, evaluate, parse_attack
 from fxsparse.files.resume import ResumeFile
+from fxsparse.robust.attacks import reference_package
+from fxsparse.robust.guards import score_attack, validation_batches
 from fxsparse.robust.sharding import example_fingerprints, gather_strings
 from fxsparse.robust.threat import RunSettings, ThreatModel
 from fxsparse.robust.outputs import LogitsFn
@@ -65,7 +65,7 @@ NO_GAIN = "no detectable gain"
 def default_attack() -> str:
     """The search's default score attack: APGD-CE (reference implementation) when pyautoattack is installed,
     else FALLBACK_ATTACK. The default score runs it in every column of `fxsparse.evaluate` (score="adaptive")."""
-    return "apgd-ce" if importlib.util.find_spec("pyautoattack") is not None else FALLBACK_ATTACK
+    return "apgd-ce" if reference_package() is not None else FALLBACK_ATTACK  # pyautoattack or git autoattack
 
 
 def paired_p(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -239,7 +239,7 @@ def search_alpha(
     shards (see `fxsparse.evaluate`), so every rank takes the same decisions and returns the same result.
     One progress bar counts the trials (alphas x the attack), with the current alpha and its robust accuracy.
     """
-    attack = default_attack() if attack is None else attack
+    attack = score_attack(default_attack()) if attack is None else attack  # warns when it is the fallback
     grid = _check_search(score, strategy, alphas)
     settings = RunSettings.of(threat=threat, eps=eps, norm=norm, bounds=bounds, seed=seed, batch_size=batch_size,
                               max_examples=max_examples)
@@ -247,9 +247,7 @@ def search_alpha(
     if not ops:
         raise SelectionError("the model has no MeanSparse operators; run fxsparse.prepare or sparsify first")
     parse_attack(attack)  # fail early on a bad attack name
-    batches = list(iter_batches(val_data, settings.batch_size, settings.max_examples))  # the same every trial
-    if not batches:
-        raise FxsparseValueError("the validation data is empty: give (x, y) validation batches")
+    batches = validation_batches(val_data, settings.batch_size, settings.max_examples)  # the same every trial
     before = {name: float(op.alpha) for name, op in ops.items()}
     stages = _stages(list(ops), per_stage) if per_stage else {}
     replay = _Replay(checkpoint, dict(attack=attack, score=score, max_clean_drop=float(max_clean_drop),

@@ -149,6 +149,29 @@ class _FixedSize(nn.Module):
         return self.model(x)
 
 
+class _TracedSize(nn.Module):
+    """A model whose size check FX traces into the graph (`torch._assert`, a `Proxy` in its message), as a
+    timm ViT's patch embedding does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 6, f"Input width ({x.shape[-1]}) doesn't match model (6).")
+        return self.model(x)
+
+
+def _fx_at_another_size(model, folder):
+    gm = fxsparse.prepare(_TracedSize(model), X, capture="fx")
+    return gm(torch.randn(2, 3, 8, 8))
+
+
+def _at_chance(model, folder):
+    """A random-init model (small_model's 5 classes) through evaluate: its clean accuracy is at chance."""
+    return _evaluate(model, attacks=["clean"])
+
+
 class _Heldout:
     """A search result whose validation data is IMAGES / Y."""
 
@@ -319,5 +342,13 @@ BAD_INPUTS = [
              fxsparse.FxsparseValueError),
     BadInput("with_normalization with a named preset", lambda m, d: fxsparse.with_normalization(m, "imagenet", 1.0),
              fxsparse.FxsparseTypeError, TypeError),
+    BadInput("a random-init model evaluated (clean accuracy at chance)", _at_chance,
+             fxsparse.ChanceAccuracyWarning),
+    BadInput("an FX-captured model with a size check, called at another size", _fx_at_another_size,
+             fxsparse.FxsparseValueError),
+    BadInput("a prepared model called on grayscale inputs", lambda m, d: _prepared(m)(X[:, :1]),
+             fxsparse.FxsparseValueError),
+    BadInput("an export-captured model calibrated on grayscale batches", lambda m, d: fxsparse.calibrate(
+        fxsparse.prepare(m, X, capture="export"), [X[:, :1]]), fxsparse.CalibrationError),
     BadInput("normalization_of a plain module", lambda m, d: fxsparse.normalization_of(m), fxsparse.FxsparseValueError),
 ]

@@ -237,10 +237,13 @@ def _add_evaluate(sub) -> None:
     from fxsparse.robust.evaluation import ATTACKS
     from fxsparse.robust.search import DEFAULT_ALPHAS
 
-    ev = sub.add_parser("evaluate", help="clean, PGD, APGD, Square, AutoAttack accuracy, as is and with BPDA",
+    ev = sub.add_parser("evaluate", help="clean, PGD, APGD, Square, AutoAttack accuracy in every column (as is, "
+                        "BPDA, smooth and annealed band, transfer) and the worst case",
                         description="Sparsify MODEL (calibrating on the calibration split), set or search alpha "
-                        "(on the validation split), and report every attack on the test split, on the model as is "
-                        "and through straight-through gradients (BPDA), beside the original model.")
+                        "(on the validation split), and report every attack on the test split in every column "
+                        "(the model as is, straight-through gradients (BPDA), the smooth and annealed band "
+                        "surrogates, transfer from alpha 0) with the worst case over them, beside the original "
+                        "model and paired against it.")
     ev.add_argument("model", help="'digits' (the demo's CNN, trained and cached) or a timm / torchvision name")
     ev.add_argument("--data", metavar="SOURCE", help="test images: 'digits', a torch.save'd (x, y) file of images in "
                     "[0, 1], or imagefolder:DIR (class subfolders, read with the model's own preprocessing, not "
@@ -252,28 +255,36 @@ def _add_evaluate(sub) -> None:
                     "'_orig_mod.' prefixes are handled)")
     ev.add_argument("--plot", metavar="PNG", help="with --search: draw validation accuracy against alpha to this file")
     ev.add_argument("--attacks", nargs="+", default=["clean", "pgd", "square"], metavar="ATTACK",
-                    help=f"attacks with options, e.g. pgd:steps=50 square:queries=500; known: {', '.join(ATTACKS)}")
+                    help=f"attacks with options, e.g. pgd:steps=50 square:queries=500 (default: clean pgd square); "
+                         f"known: {', '.join(ATTACKS)}")
     ev.add_argument("--eps", type=float, default=0.1, help="perturbation budget on [0, 1] inputs (default 0.1)")
     ev.add_argument("--norm", type=str.lower, choices=("linf", "l2"), default="linf", help="linf or l2 (Linf, L2 too)")
     ev.add_argument("--alpha", type=float, default=0.2, help="alpha when not searching (default 0.2)")
     ev.add_argument("--search", action="store_true", help="choose alpha on the validation split")
     ev.add_argument("--search-attack", default=None,
-                    help="attack that scores alpha (BPDA mode); default apgd-ce (a scheduled PGD with restarts "
-                         "without pyautoattack)")
-    ev.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
-    ev.add_argument("--max-clean-drop", type=float, default=0.01, help="clean accuracy the search may lose")
-    ev.add_argument("--strategy", choices=("grid", "refine"), default="grid")
+                    help="attack that scores alpha, run in every column (the worst over them scores); default "
+                         "apgd-ce, or where no reference APGD is installed (pyautoattack, RobustBench's git "
+                         "autoattack) a scheduled PGD with restarts, with a ScoreAttackWarning; the table names it")
+    ev.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS),
+                    help=f"alphas the search tries (default {' '.join(f'{a:g}' for a in DEFAULT_ALPHAS)})")
+    ev.add_argument("--max-clean-drop", type=float, default=0.01,
+                    help="clean validation accuracy the search may lose against alpha 0, a fraction (default 0.01)")
+    ev.add_argument("--strategy", choices=("grid", "refine"), default="grid",
+                    help="grid: the alphas given (default); refine: then bisect around the best and extend the "
+                         "grid upward when the best is at its top")
     ev.add_argument("--per-stage", action="store_true", help="also tune one alpha per stage")
     ev.add_argument("--placement", nargs="+", default=None, help="placement policies or a preset (swin, convnext)")
     ev.add_argument("--kinds", nargs="+", help="activation kinds to select")
     ev.add_argument("--max-examples", type=int, help="evaluate on the first N test images only")
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=256, help="batch size of every split (default 256)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default 0)")
     ev.add_argument("--split-seed", type=int, default=0, help="seed of the digits split")
     ev.add_argument("--epochs", type=int, default=30, help="digits model: PGD-AT epochs")
     ev.add_argument("--width", type=int, default=32, help="digits model: width")
     ev.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cpu)")
-    ev.add_argument("--pretrained", choices=("auto", "never"), default="auto")
+    ev.add_argument("--pretrained", choices=("auto", "never"), default="auto",
+                    help="auto: use weights already in the local cache, never download (default); never: no "
+                         "cached weights (give --weights, or --allow-random-weights)")
     ev.add_argument("--allow-random-weights", action="store_true",
                     help="evaluate a model without weights (random init) anyway; refused otherwise, since its "
                          "accuracies mean nothing")
@@ -281,7 +292,7 @@ def _add_evaluate(sub) -> None:
                     help="auto: put the model's input normalisation (timm pretrained_cfg, torchvision weights) "
                          "inside it, so data files hold [0, 1] images; none: the model takes them as they are")
     ev.add_argument("--no-baseline", action="store_true", help="skip the original model's row")
-    ev.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    ev.add_argument("--format", choices=("markdown", "json"), default="markdown", help="output format")
     ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bars (default: when stderr is a terminal)")
     ev.set_defaults(func=_cmd_evaluate)
@@ -297,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="show where MeanSparse operators go in a timm or torchvision model")
     audit.add_argument("model", help="timm or torchvision model name (prefix timm: or torchvision: to choose)")
-    audit.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    audit.add_argument("--format", choices=("markdown", "json"), default="markdown", help="output format")
     audit.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input shape without batch, e.g. 3 224 224")
     audit.add_argument("--kinds", nargs="+", help="activation kinds to select (default: every default kind)")
     audit.add_argument("--include", nargs="+", help="site-name globs to include")
