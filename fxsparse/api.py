@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from fxsparse.util import first_line
 from fxsparse._meta import PREPARE_META, SITE_META
-from fxsparse.calibrate import calibrate
+from fxsparse.calibrate import calibrate, check_data_or_loop
 from fxsparse.capture import check_method, copy_model, shapes_step
 from fxsparse.capture import capture as capture_model
 from fxsparse.passes.layout import analyze as analyze_layout
@@ -310,11 +310,7 @@ def sparsify(
     """
     _check_module(model)
     recipe = Recipe.of(recipe, select=select, capture=capture, placement=placement, channel_dims=channel_dims)
-    if (data is None) == (forward_loop is None):
-        raise CalibrationError("give calibration data or forward_loop=fn (fn(model) runs the model on your "
-                               "batches), not " + ("both" if data is not None else "neither"))
-    if forward_loop is not None and not callable(forward_loop):
-        raise FxsparseTypeError(f"forward_loop must be a function fn(model), got {type(forward_loop).__name__}")
+    check_data_or_loop(data, forward_loop)
     call = as_call(example_inputs) if example_inputs is not None else None
     if call is None and data is not None:
         first, data = _first_batch(data)

@@ -298,11 +298,6 @@ class MeanSparse(nn.Module):
         self.refresh_bounds()
         return out
 
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        if "lo" not in self._buffers:  # pickled before the bounds existed
-            self._register_bounds()
-
     @property
     def channels(self) -> int:
         return self.mean.numel()

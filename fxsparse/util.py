@@ -71,11 +71,16 @@ def show_progress(enabled: Optional[bool]) -> bool:
     return (sys.stderr.isatty() or in_notebook()) if enabled is None else bool(enabled)
 
 
-def progress_bar(total: Optional[int], desc: str, unit: str, enabled: Optional[bool], leave: bool = True):
-    """A tqdm bar (tqdm.auto: a widget in Jupyter, text in a terminal), shown per `show_progress`."""
+def progress_bar(total: Optional[int], desc: str, unit: str, enabled: Optional[bool], leave: bool = True,
+                 iterable=None):
+    """A tqdm bar (tqdm.auto: a widget in Jupyter, text in a terminal), shown per `show_progress`; given an
+    `iterable`, iterating the bar iterates it (a hidden bar passes its items straight through)."""
+    shown = show_progress(enabled)
+    if iterable is not None and not shown:
+        return iterable  # untouched: a disabled tqdm still iterates a re-iterable once when it is made
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=not show_progress(enabled))
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not shown)
 
 
 def split_spec(spec: str) -> Tuple[str, List[Tuple[str, str, Optional[str]]]]:

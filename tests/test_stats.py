@@ -26,7 +26,7 @@ def datasets(draw):
 
 @given(datasets(), st.booleans())
 def test_channel_stats_match_float64_two_pass_for_any_batching_and_order(case, channels_last):
-    """exact=True: float64 throughout, equal to the two-pass reference to float64 rounding. Default: per-row
+    """float64=True: float64 throughout, equal to the two-pass reference to float64 rounding. Default: per-row
     moments in the input dtype (each the exact value rounded once to float32), merged in float64."""
     x, dim, cuts, order = case
     if channels_last and x.dim() == 4:
@@ -34,7 +34,7 @@ def test_channel_stats_match_float64_two_pass_for_any_batching_and_order(case, c
     batches = list(torch.tensor_split(x, cuts, dim=0))
     mean, std = two_pass_moments(x, dim)
     scale = 1 + mean.abs().max().item()
-    exact = ChannelStats(dim, exact=True)
+    exact = ChannelStats(dim, float64=True)
     fast = ChannelStats(dim)
     for i in order:
         exact.update(batches[i])

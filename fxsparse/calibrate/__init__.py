@@ -20,12 +20,12 @@ from __future__ import annotations
 import collections.abc
 import os
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 from torch import fx, nn
 
-from fxsparse.util import first_line, model_state, show_progress
+from fxsparse.util import first_line, model_state, progress_bar
 from fxsparse._meta import PREPARE_META
 from fxsparse.calibrate.checkpoint import CalibrationCheckpoint
 from fxsparse.calibrate.diagnose import failing_node
@@ -43,9 +43,7 @@ class ForwardLoop:
     number of inputs, keywords, lists), as NVIDIA ModelOpt's `forward_loop`. Each call of the model counts
     as one batch."""
 
-    def __init__(self, fn: Callable[[nn.Module], Any]):
-        if not callable(fn):
-            raise FxsparseTypeError(f"forward_loop must be a function fn(model), got {type(fn).__name__}")
+    def __init__(self, fn: Callable[[nn.Module], Any]):  # checked by check_data_or_loop
         self.fn = fn
 
 
@@ -53,12 +51,13 @@ class _StopLoop(Exception):
     """Raised from the model's pre-hook once max_batches calls have run: ends the user's loop early."""
 
 
-def _progress(iterable: Iterable, total: Optional[int], desc: str, enabled: Optional[bool]) -> Iterator:
-    if not show_progress(enabled):  # a terminal or a notebook, unless told (fxsparse/util.py)
-        return iter(iterable)
-    from tqdm.auto import tqdm
-
-    return iter(tqdm(iterable, total=total, desc=desc, unit="batch", leave=False))
+def check_data_or_loop(data: Any, forward_loop: Optional[Callable[[nn.Module], Any]]) -> None:
+    """Calibration reads `data` or runs `forward_loop(model)`: exactly one of them, and the loop a function."""
+    if (data is None) == (forward_loop is None):
+        raise CalibrationError("give calibration data or forward_loop=fn (fn(model) runs the model on your "
+                               "batches), not " + ("both" if data is not None else "neither"))
+    if forward_loop is not None and not callable(forward_loop):
+        raise FxsparseTypeError(f"forward_loop must be a function fn(model), got {type(forward_loop).__name__}")
 
 
 def _total(data: Any, max_batches: Optional[int]) -> Optional[int]:
@@ -176,7 +175,8 @@ def _run_pass(gm, data, observers: Dict[MeanSparse, Any], *, max_batches, progre
     done = start
     try:
         with torch.no_grad():
-            for i, batch in enumerate(_progress(data, _total(data, max_batches), desc, progress)):
+            bar = progress_bar(_total(data, max_batches), desc, "batch", progress, leave=False, iterable=data)
+            for i, batch in enumerate(bar):
                 if max_batches is not None and i >= max_batches:
                     break
                 if i < start:  # resuming: this batch is already in the statistics
@@ -304,7 +304,7 @@ def calibrate(
     measure: Union[bool, str] = True,
     checkpoint: Union[str, "os.PathLike[str]", None] = None,
     checkpoint_every: int = 100,
-    exact: bool = False,
+    float64: bool = False,
     compile: bool = False,
 ) -> fx.GraphModule:
     """Set every MeanSparse's `mean` and `std` from `data`; returns `gm`.
@@ -324,7 +324,7 @@ def calibrate(
             a warning). False: not at all.
         checkpoint: a file for partial statistics, written every `checkpoint_every` batches; if it exists,
             calibration resumes from it (replay the data in the same order). Deleted when calibration ends.
-        exact: take each batch's moments in float64 (the batch is converted first). The default takes them
+        float64: take each batch's moments in float64 (the batch is converted first). The default takes them
             in the activation's own dtype (a sum, then the sum of squared deviations from the batch mean; ATen's
             batch-norm statistics for short rows) and merges batches in float64: error within 1e-6 x
             (std + |mean|).
@@ -335,9 +335,7 @@ def calibrate(
     A model prepared without any selected activation has no operators: calibrate warns
     (NoActivationWarning) and returns it unchanged.
     """
-    if (data is None) == (forward_loop is None):
-        raise CalibrationError("give calibration data or forward_loop=fn (fn(model) runs the model on your "
-                               "batches), not " + ("both" if data is not None else "neither"))
+    check_data_or_loop(data, forward_loop)
     if forward_loop is not None:
         data = ForwardLoop(forward_loop)
     ops = meansparse_ops(gm)
@@ -351,7 +349,7 @@ def calibrate(
         measure = True
     exact_measure = measure == "exact"
     saver = CalibrationCheckpoint(checkpoint, checkpoint_every, ops) if checkpoint is not None else None
-    stats = {op: ChannelStats(op.dim, exact) for op in ops.values()}
+    stats = {op: ChannelStats(op.dim, float64) for op in ops.values()}
     counters = {op: ZScoreCounter(op) for op in ops.values()}
     sketches = {op: ZScoreSketch(op) for op in ops.values()} if measure is True else None  # one pass
     phase, done = saver.restore(stats, counters, sketches) if saver is not None else ("statistics", 0)

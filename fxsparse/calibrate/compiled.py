@@ -23,17 +23,17 @@ from fxsparse.ops import MeanSparse, meansparse_ops
 from fxsparse.calibrate.stats import ChannelStats, ZScoreSketch
 
 
-def site_moments(x: torch.Tensor, dim: int, exact: bool, sample: bool):
+def site_moments(x: torch.Tensor, dim: int, float64: bool, sample: bool):
     """(n, mean, var, sample or None) of one site's input: the eager pass's own formula
     (`ChannelStats.batch_mean_var`, traced by Dynamo), so both engines compute the same moments; n is 0 for
     an empty batch."""
-    parts = ChannelStats.batch_mean_var(x, dim, exact)
+    parts = ChannelStats.batch_mean_var(x, dim, float64)
     if parts is None:
         return 0, None, None, None
     return (*parts, ZScoreSketch.take_sample(x, dim).clone() if sample else None)
 
 
-def moments_program(gm: fx.GraphModule, sample: bool, exact: bool) -> Optional[Tuple[fx.GraphModule, List[MeanSparse]]]:
+def moments_program(gm: fx.GraphModule, sample: bool, float64: bool) -> Optional[Tuple[fx.GraphModule, List[MeanSparse]]]:
     """A GraphModule (sharing gm's modules) that returns (gm's output, per-site moments), and the operators in
     the order of those moments; None if some operator is not a call in gm's graph."""
     graph = copy.deepcopy(gm.graph)
@@ -46,7 +46,7 @@ def moments_program(gm: fx.GraphModule, sample: bool, exact: bool) -> Optional[T
             continue
         x = node.args[0]
         with graph.inserting_after(node):
-            moments.append(graph.call_function(site_moments, (x, op.dim, exact, sample)))
+            moments.append(graph.call_function(site_moments, (x, op.dim, float64, sample)))
         node.replace_all_uses_with(x)
         graph.erase_node(node)
         order.append(op)
@@ -85,8 +85,8 @@ class CompiledStatistics(nn.Module):
 
 def compiled_statistics(gm, stats, sketches) -> Optional[CompiledStatistics]:
     """The compiled runner for `gm`, or None (with a warning) when its operators cannot all be rewritten."""
-    exact = any(s.exact for s in stats.values())
-    built = moments_program(gm, sketches is not None, exact) if isinstance(gm, fx.GraphModule) else None
+    float64 = any(s.float64 for s in stats.values())
+    built = moments_program(gm, sketches is not None, float64) if isinstance(gm, fx.GraphModule) else None
     if built is None:
         warnings.warn("calibrate(compile=True): some MeanSparse operators sit inside opaque modules, not in the "
                       "graph, so the statistics pass runs eagerly", stacklevel=4)

@@ -36,9 +36,9 @@ class ChannelStats:
 
     FLUSH_EVERY = 64
 
-    def __init__(self, dim: int, exact: bool = False):
+    def __init__(self, dim: int, float64: bool = False):
         self.dim = dim
-        self.exact = exact
+        self.float64 = float64
         self._count = 0
         self._mean: Optional[torch.Tensor] = None
         self._m2: Optional[torch.Tensor] = None
@@ -49,12 +49,12 @@ class ChannelStats:
 
     # -- one batch -----------------------------------------------------------------------------------------
     @staticmethod
-    def batch_mean_var(x: torch.Tensor, dim: int, exact: bool = False
+    def batch_mean_var(x: torch.Tensor, dim: int, float64: bool = False
                        ) -> Optional[Tuple[int, torch.Tensor, torch.Tensor]]:
         """(n, mean, var) of one batch per channel, in the working dtype: n elements per channel, their mean
         and their population variance. None for an empty batch.
 
-        The working dtype is the input's for float32 / float64 and float64 for `exact=True` and for float16 /
+        The working dtype is the input's for float32 / float64 and float64 for `float64=True` and for float16 /
         bfloat16 input. The variance is taken around the mean already rounded to that dtype (two passes), so
         it has no cancellation; the sums are vectorised (`torch.var_mean`'s Welford loop is scalar on CPU and
         ten times slower). Float32 rows of at most SMALL_INNER elements on CPU take ATen's batch-norm
@@ -68,7 +68,7 @@ class ChannelStats:
         n = x.numel() // max(x.shape[d], 1)
         if n == 0:
             return None
-        if exact or x.dtype not in (torch.float32, torch.float64):
+        if float64 or x.dtype not in (torch.float32, torch.float64):
             x = x.to(torch.float64)
         x3 = _as_3d(x, d)
         if x3 is None:  # a layout with gaps: reduce over the other dims directly
@@ -90,7 +90,7 @@ class ChannelStats:
         return n, mean, dev.mul_(dev).sum(2).sum(0).div_(n)  # `dev` is our own temporary: square it in place
 
     def update(self, x: torch.Tensor) -> None:
-        parts = self.batch_mean_var(x, self.dim, self.exact)
+        parts = self.batch_mean_var(x, self.dim, self.float64)
         if parts is not None:
             self.add_moments(*parts)
 

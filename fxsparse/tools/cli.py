@@ -95,6 +95,7 @@ def _distributed(args):
     GPU per process for --device cuda, gloo otherwise."""
     import torch.distributed as dist
 
+    from fxsparse.calibrate.distributed import rank_and_size
     from fxsparse.config import launched_world
 
     world, local = launched_world()
@@ -104,9 +105,7 @@ def _distributed(args):
             torch.cuda.set_device(local)
             args.device = f"cuda:{local}"
         dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_and_size()
 
 
 def _evaluation_setup(args, rank: int, world: int):
