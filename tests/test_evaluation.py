@@ -87,9 +87,10 @@ def test_standard_autoattack_runs_with_small_budgets(data):
         assert (model(adv).argmax(1) == y[:12]).float().mean() < 1.0
 
 
-def test_missing_pyautoattack_is_a_clear_error(monkeypatch, data):
+def test_missing_reference_attacks_are_a_clear_error(monkeypatch, data):
     x, y = data
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    monkeypatch.setitem(sys.modules, "autoattack", None)  # nor RobustBench's git package
     with pytest.raises(fxsparse.FxsparseError, match=r"fxsparse\[eval\]"):
         attacks.apgd(_tiny(), x, y, 0.1)
 
