@@ -7,16 +7,16 @@ from the bottom up: op <- passes <- pipeline <- evaluation / compile <- tools):
                                            (the opt-in fused eager kernel: fxsparse/compile/fused.py)
     capture    fxsparse/capture/           nn.Module -> eval-mode GraphModule with every activation visible:
                                            the fallback policy in __init__; tracer.py (FX), export.py
-                                           (torch.export, time limit), quiet.py, guard.py (InputGuard);
-                                           shapes by fake-tensor propagation (passes/shapes.py)
-    locate     passes/locate.py            activation calls of every kind (passes/kinds.py) and composite
-                                           ones (passes/composites.py), selected
-    place      passes/placement.py         policies beyond "before every activation": residual joins, MLP
-                                           outputs, presets for ConvNeXt and Swin
+                                           (torch.export, time limit), quiet.py, guard.py (InputGuard)
+    shapes     passes/shapes.py            every node's output shape, by fake-tensor propagation
     layout     passes/layout.py            every tensor's channel axis (or unknown), one forward pass, rules
                                            in a dispatch table; op names and their tables in
                                            passes/vocabulary.py, graph predicates and the walk in
                                            passes/graph.py; a site's axis and channel_dims in passes/sites.py
+    locate     passes/locate.py            activation calls of every kind (passes/kinds.py) and composite
+                                           ones (passes/composites.py), selected
+    place      passes/placement.py         policies beyond "before every activation": residual joins, MLP
+                                           outputs, presets for ConvNeXt and Swin
     splice     passes/splice.py            a MeanSparse before each site, on the channel axis the layout
                                            proves (LayoutWarning where it cannot); private inputs
                                            (passes/private_inputs.py)
