@@ -279,3 +279,22 @@ def test_fx_captured_vit_at_another_size_is_our_error():
     assert "Proxy" not in str(info.value) and "(2, 3, 48, 48)" in str(info.value)
     free = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, dynamic_img_size=True).eval()
     assert fxsparse.prepare(free, x, capture="fx")(torch.rand(2, 3, 48, 48)).shape == (2, 1000)  # the fix named
+
+
+def test_a_checkpoint_refused_on_one_rank_tells_the_others(monkeypatch, tmp_path):
+    """Each rank reads its own resume file: one that does not fit must fail every rank, not leave the others
+    waiting in the first collective (evaluate and search_alpha)."""
+    from fxsparse.files.resume import ResumeFile
+    from fxsparse.testing.bad_inputs import IMAGES, Y
+
+    path = tmp_path / "run.ckpt"
+    ResumeFile(path, "calibration", {}).save({}, {})  # another kind of run's file
+    gm = fxsparse.sparsify(small_model().eval(), [IMAGES], alpha=0.0, progress=False)
+    told = _one_of_two_ranks(monkeypatch)
+    with pytest.raises(fxsparse.PersistenceError, match="not an evaluation checkpoint"):
+        fxsparse.evaluate(gm, (IMAGES, Y), eps=0.1, attacks=["clean"], checkpoint=path)
+    assert told[-1] is True
+    told.clear()
+    with pytest.raises(fxsparse.PersistenceError, match="not an alpha search checkpoint"):
+        fxsparse.search_alpha(gm, (IMAGES, Y), eps=0.1, attack="pgd:steps=1", alphas=(0.1,), checkpoint=path)
+    assert told[-1] is True

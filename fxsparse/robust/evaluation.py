@@ -125,8 +125,7 @@ def evaluate(
     heldout = getattr(search, "fingerprints", None)
     data, classes = check_evaluation_data(model, net, data, batch_size=batch_size, max_examples=max_examples,
                                           heldout=heldout, device=dev)
-    resume = _resume_file(checkpoint, checkpoint_every, model, plan, columns)
-    done, n = _restore(resume, tallies)
+    resume, done, n = _resume(checkpoint, checkpoint_every, model, plan, columns, tallies)
     runner = _Runner(net, columns, plan, list(given.values()), tallies, heldout, dev)
     with _eval_mode(model), progress_bar(total, "evaluate", "batch", progress, leave=False) as bar, \
             failing_together("evaluation", DistributedError):
@@ -228,6 +227,14 @@ def _gather(tallies: Sequence[Tally]) -> List[AttackResult]:
                         else float("nan"))
         result.adversarial = {m: torch.cat(parts) for m, parts in tally.kept.items() if parts}
     return [t.result for t in tallies]
+
+
+def _resume(checkpoint, every, model: nn.Module, plan, columns: Columns, tallies: Sequence[Tally]):
+    """(the resume file or None, batches done, examples done): a file that does not fit this run is refused
+    on every rank together (one rank's own file can differ; the others must not wait for it)."""
+    with failing_together("evaluation's checkpoint", DistributedError):
+        resume = _resume_file(checkpoint, every, model, plan, columns)
+        return (resume, *_restore(resume, tallies))
 
 
 def _resume_file(checkpoint, every, model: nn.Module, plan, columns: Columns) -> Optional[ResumeFile]:

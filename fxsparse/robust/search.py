@@ -38,7 +38,8 @@ from torch import nn
 
 from fxsparse.util import progress_bar
 from fxsparse.operators import set_alpha
-from fxsparse.errors import FxsparseValueError, PersistenceError, SearchWarning, SelectionError
+from fxsparse.calibrate.distributed import failing_together
+from fxsparse.errors import DistributedError, FxsparseValueError, PersistenceError, SearchWarning, SelectionError
 from fxsparse.robust.compare import LEVEL, mcnemar_exact, wilson
 from fxsparse.robust.evaluation import MODES, evaluate, parse_attack
 from fxsparse.files.resume import ResumeFile
@@ -250,8 +251,9 @@ def search_alpha(
     batches = validation_batches(val_data, settings.batch_size, settings.max_examples)  # the same every trial
     before = {name: float(op.alpha) for name, op in ops.items()}
     stages = _stages(list(ops), per_stage) if per_stage else {}
-    replay = _Replay(checkpoint, dict(attack=attack, score=score, max_clean_drop=float(max_clean_drop),
-                                      sites=sorted(ops), **settings.to_dict()))
+    with failing_together("search_alpha's checkpoint", DistributedError):  # a rank's own file can differ
+        replay = _Replay(checkpoint, dict(attack=attack, score=score, max_clean_drop=float(max_clean_drop),
+                                          sites=sorted(ops), **settings.to_dict()))
     trials = _Trials(model, batches, settings, attack, score, float(max_clean_drop), logits, progress, replay,
                      len(grid) + len(stages) * (len(grid) - 1))
     try:
