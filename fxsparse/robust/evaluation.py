@@ -54,7 +54,7 @@ from fxsparse.robust.columns import (ATTACKS, SURROGATES, AttackKind, Columns, T
 from fxsparse.robust.guards import check_batch, check_evaluation_data, warn_if_chance
 from fxsparse.robust.outputs import LogitsFn, as_classifier
 from fxsparse.robust.results import FULL_MODES, MODE_TITLES, MODES, AttackResult, Evaluation
-from fxsparse.robust.sharding import example_fingerprints, gather_examples
+from fxsparse.robust.sharding import gather_examples
 from fxsparse.robust.threat import RunSettings, ThreatModel
 from fxsparse.util import model_device, progress_bar
 
@@ -126,7 +126,7 @@ def evaluate(
     data, classes = check_evaluation_data(model, net, data, batch_size=batch_size, max_examples=max_examples,
                                           heldout=heldout, device=dev)
     resume, done, n = _resume(checkpoint, checkpoint_every, model, plan, columns, tallies)
-    runner = _Runner(net, columns, plan, list(given.values()), tallies, heldout, dev)
+    runner = _Runner(net, columns, plan, list(given.values()), tallies, dev)  # held-out: checked above
     with _eval_mode(model), progress_bar(total, "evaluate", "batch", progress, leave=False) as bar, \
             failing_together("evaluation", DistributedError):
         for index, (x, y) in enumerate(iter_batches(data, batch_size, max_examples)):
@@ -188,18 +188,11 @@ class _Runner:
     plan: List[Tuple[str, Dict[str, Any]]]
     given: List[torch.Tensor]
     tallies: List[Tally]
-    heldout: Optional[frozenset]
     device: torch.device
     place: Tuple[int, int] = dataclasses.field(default_factory=rank_and_size)  # (rank, world size)
 
     def batch(self, index: int, x: torch.Tensor, y: torch.Tensor, offset: int, bar) -> int:
         """Run batch `index` (its first example is example `offset` of this rank's data); returns its size."""
-        if self.heldout:
-            shared = sum(f in self.heldout for f in example_fingerprints(x, y))
-            if shared:
-                raise FxsparseValueError(
-                    f"the evaluation data shares {shared} example(s) with the validation data search_alpha "
-                    "chose alpha on; evaluate on a held-out test split")
         threat = self.columns.threat
         check_batch(x, threat.bounds, index)
         if index == 0:
