@@ -120,3 +120,14 @@ def test_search_alpha_keywords_and_object_agree(data):
     assert by_keywords.alpha == by_object.alpha
     with pytest.raises(fxsparse.FxsparseValueError, match="both threat= and norm="):
         fxsparse.search_alpha(model, data, threat=ThreatModel(0.1), norm="linf", **common)
+
+
+def test_an_evaluation_knows_its_threat_model_and_pairs_only_with_the_same():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    x, y = torch.rand(6, 3, 2, 2) * 0.5 + 0.25, torch.arange(6) % 3
+    a = fxsparse.evaluate(model, (x, y), eps=0.1, attacks=["clean"], bounds=(0.0, 1.0))
+    b = fxsparse.evaluate(model, (x, y), threat=fxsparse.ThreatModel(0.1, "Linf", (0.0, 2.0)), attacks=["clean"])
+    assert a.threat == fxsparse.ThreatModel(0.1) and b.threat.bounds == (0.0, 2.0)
+    assert a.to_dict()["bounds"] == [0.0, 1.0]
+    with pytest.raises(fxsparse.FxsparseValueError, match="bounds"):
+        fxsparse.compare(a, b)

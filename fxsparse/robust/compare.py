@@ -131,11 +131,11 @@ def compare(before, after, *, level: float = LEVEL) -> Comparison:
     if not all(hasattr(e, "results") and hasattr(e, "n") for e in (before, after)):
         raise FxsparseTypeError("compare takes two Evaluations (from fxsparse.evaluate), got "
                                 f"{type(before).__name__} and {type(after).__name__}")
-    same = {k: (getattr(before, k), getattr(after, k)) for k in ("n", "eps", "norm", "seed")}
+    same = {k: (getattr(before, k), getattr(after, k)) for k in ("n", "eps", "norm", "bounds", "seed")}
     differ = {k: v for k, v in same.items() if v[0] != v[1]}
     if differ:
         raise FxsparseValueError(f"the two evaluations are not paired (they differ in {differ}): evaluate both "
-                                 "models on the same data with the same eps, norm and seed")
+                                 "models on the same data with the same eps, norm, bounds and seed")
     rows: List[PairedRow] = []
     worst_before, worst_after = [], []
     by_label = {label(r): r for r in before.results}

@@ -149,7 +149,8 @@ def evaluate(
 def _result(tallies, n: int, settings: RunSettings, columns: Columns) -> Evaluation:
     """The Evaluation over every rank's examples."""
     return Evaluation(_gather(tallies), sum(int(v) for v in gather_examples(torch.tensor([n]))),
-                      settings.threat.eps, settings.threat.norm, settings.seed, columns.operators)
+                      settings.threat.eps, settings.threat.norm, settings.seed, columns.operators,
+                      settings.threat.bounds)
 
 
 def _columns(model: nn.Module, settings: RunSettings, modes, survivors_only: bool, source, keep: bool) -> Columns:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from fxsparse.errors import FxsparseValueError
+from fxsparse.robust.threat import ThreatModel
 
 MODES = ("plain", "bpda", "smooth", "anneal", "transfer")
 FULL_MODES = ("plain", "bpda")  # attack every example; the later modes attack the survivors only
@@ -75,7 +76,13 @@ class Evaluation:
     norm: str
     seed: int
     operators: int
+    bounds: Tuple[float, float] = (0.0, 1.0)  # with eps and norm: the threat model (`threat`)
     comparison: Any = dataclasses.field(default=None, repr=False)  # a Comparison, with evaluate(baseline=...)
+
+    @property
+    def threat(self):
+        """The ThreatModel the attacks ran under (eps, norm, bounds)."""
+        return ThreatModel(self.eps, self.norm, tuple(self.bounds))
 
     def __getitem__(self, attack: str) -> AttackResult:
         for r in self.results:
@@ -94,7 +101,8 @@ class Evaluation:
         return float(torch.stack(columns).all(0).float().mean())
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"n": self.n, "eps": self.eps, "norm": self.norm, "seed": self.seed, "operators": self.operators,
+        return {"n": self.n, "eps": self.eps, "norm": self.norm, "bounds": list(self.bounds), "seed": self.seed,
+                "operators": self.operators,
                 "attacks": [r.to_dict() for r in self.results],
                 "worst": {m: self.worst((m,)) for m in self.modes()} | {"any": self.worst()},
                 "found": self.found(),
