@@ -46,25 +46,25 @@ class _StraightThroughWhere(torch.autograd.Function):
 class _ExactBand(torch.autograd.Function):
     """The operator with its own gradient (the input's where it is kept, 0 where it is replaced) from one byte
     mask: backward is one masked fill, where autograd through `_band`'s two selects keeps two full-size
-    outputs and runs two selects and an add; with `inplace` the result goes straight into `x` (no copy).
-    Eager attacks only (`_exact_band_allowed`); compiled graphs keep `_band`, which Inductor fuses."""
+    outputs and runs two selects and an add. It returns the mask beside the output (the setup_context form,
+    which keeps torch.func transforms working, saves only inputs and outputs), so it never writes into `x`:
+    autograd refuses a Function with two outputs that modifies a view in place, and an in-place site copies.
+    Eager attacks only; compiled graphs keep `_band`, which Inductor fuses."""
 
     @staticmethod
-    def forward(x, mean, lo, hi, inplace):
+    def forward(x, mean, lo, hi):
         inside = _inside(x, lo, hi)
-        return _select(inside, mean, x, inplace), inside
+        return _select(inside, mean, x, False), inside
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # this form keeps torch.func transforms working
-        if inputs[4]:
-            ctx.mark_dirty(inputs[0])
+    def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
 
     @staticmethod
     def backward(ctx, grad, _):
         (inside,) = ctx.saved_tensors
-        return grad.masked_fill(inside, 0), None, None, None, None
+        return grad.masked_fill(inside, 0), None, None, None
 
 
 def _band_no_grad(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -202,7 +202,8 @@ def mean_sparse_bounds(x: torch.Tensor, mean: torch.Tensor, lo: torch.Tensor, hi
     if _lean_allowed(x):
         return _band_lean(x, mean, lo, hi, inplace)
     if eager and x.requires_grad and torch.is_grad_enabled():
-        return _ExactBand.apply(x, mean, lo, hi, inplace)[0]
+        y = _ExactBand.apply(x, mean, lo, hi)[0]
+        return x.copy_(y) if inplace else y
     y = _band(x, mean, lo, hi)
     if inplace:
         return x.copy_(y)

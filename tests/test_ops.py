@@ -439,3 +439,30 @@ def test_the_bounds_check_stays_out_of_compiled_graphs():
         assert torch.equal(compiled(x), op(x))
     finally:
         config.set_check_bounds(None)
+
+
+@pytest.mark.parametrize("mode", [False, True, "smooth"])
+def test_gradients_through_an_in_place_site_on_a_view(mode):
+    """An in-place site whose input is a view (a channel slice, as in torchvision's RAFT and the README's
+    two-input recipe): the exact gradient (kept elements get the incoming gradient, replaced ones 0) and the
+    surrogates work, and the result equals the out-of-place operator's."""
+    op = _calibrated_op()
+    op.inplace = True
+    op.straight_through = mode if mode != "smooth" else "smooth"
+    if mode == "smooth":
+        op.tau = torch.tensor(0.1)
+    leaf = torch.randn(2, 4, 6, requires_grad=True)
+    y = op(leaf * 1.0)[..., 1:4]  # a fresh tensor, then a view of it
+    z = op(leaf.clone()[..., :3])  # the op's input is itself a view (written in place)
+    (y.sum() + z.sum()).backward()
+    reference = _calibrated_op()
+    reference.straight_through = op.straight_through
+    if mode == "smooth":
+        reference.tau = torch.tensor(0.1)
+    x = leaf.detach()[..., :3].clone().requires_grad_(True)
+    with torch.no_grad():
+        assert torch.equal(z, reference(x))
+    if mode is False:
+        reference(x).sum().backward()
+        inside = (x > reference.lo[:, None]) & (x < reference.hi[:, None])
+        torch.testing.assert_close(x.grad, (~inside).float())
